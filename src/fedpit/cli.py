@@ -1,0 +1,158 @@
+"""The `fedpit` command: run | report | data | methods.
+
+User mistakes (`FedpitError`) print one line and exit with status 2; `--debug` shows the
+traceback. Everything that can fail on bad input is checked before a run directory exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from fedpit.errors import FedpitError
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _load_config(args: argparse.Namespace):
+    from fedpit import config as config_mod
+    from fedpit.methods import build_method
+
+    config = config_mod.load(args.config, args.set)
+    build_method(config)  # method options are checked before anything heavy happens
+    return config
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from fedpit.progress import RunProgress
+    from fedpit.report import eval_rows, write_report
+    from fedpit.runs import RunDir, default_run_dir
+    from fedpit.runtimes.local import prepare, run_experiment
+
+    config = _load_config(args)
+    console = Console(stderr=True)
+    console.log(f"preparing: model {config.model.name}, data {config.data.source}")
+    exp = prepare(config)
+    sizes = {c: len(e) for c, e in exp.federation.clients.items()}
+    console.log(f"federation: {len(sizes)} clients, sizes {sizes}; eval sets "
+                f"{ {k: len(v) for k, v in exp.federation.eval_sets.items()} }")
+    run = RunDir.create(Path(args.out) if args.out else default_run_dir(config), config)
+    run.write_status("running", federation=exp.federation.summary())
+    start = time.perf_counter()
+    try:
+        with RunProgress(quiet=args.quiet, console=console) as progress:
+            run_experiment(exp, run, progress)
+    except KeyboardInterrupt:
+        run.write_status("interrupted")
+        raise
+    except BaseException as exc:
+        run.write_status("failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    run.write_status("complete", seconds=round(time.perf_counter() - start, 1))
+    report = write_report(run.path)
+    table = Table(title=f"{config.method.name}: global model on held-out sets")
+    table.add_column("set")
+    table.add_column("round")
+    table.add_column("ROUGE-L")
+    table.add_column("NLL")
+    for name, rows in eval_rows(run.metrics()).items():
+        for row in (rows[0], rows[-1]) if len(rows) > 1 else rows:
+            table.add_row(name, str(row["round"]), f"{row['rougeL']:.4f}", f"{row['nll']:.4f}")
+    console.print(table)
+    console.print(f"run directory: {run.path}\nreport: {report}\n"
+                  f"took {time.perf_counter() - start:.0f}s")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from fedpit.report import write_report
+
+    path = Path(args.run_dir)
+    if not (path / "config.toml").is_file():
+        raise FedpitError(f"'{path}' is not a run directory (no config.toml)")
+    print(write_report(path))
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from fedpit.data.federation import build_federation
+    from fedpit.model import resolve_model_path
+
+    config = _load_config(args)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(config.model.name, config.model.cache_dir))
+    federation = build_federation(config, tokenizer)
+    for key, value in federation.summary().items():
+        print(f"{key}: {value}")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from fedpit.methods import METHODS
+
+    for name in METHODS.names():
+        doc = (METHODS.get(name).__module__ and sys.modules[METHODS.get(name).__module__].__doc__ or "").strip()
+        print(f"{name:12s} {doc.splitlines()[0] if doc else ''}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedpit", description="Privacy-preserving few-shot federated instruction tuning")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> None:
+        p.add_argument("config", help="TOML config file, e.g. configs/demo.toml")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set federation.rounds=3 (repeatable)")
+
+    run = sub.add_parser("run", help="run an experiment and write a run directory")
+    with_config(run)
+    run.add_argument("--out", help="run directory (default: runs/<name>-<method>-<time>)")
+    run.add_argument("--quiet", action="store_true", help="log lines only, no progress bars")
+    run.set_defaults(func=cmd_run)
+
+    report = sub.add_parser("report", help="write report.md and plots for a run directory")
+    report.add_argument("run_dir")
+    report.set_defaults(func=cmd_report)
+
+    data = sub.add_parser("data", help="build the federation of a config and print its summary")
+    with_config(data)
+    data.set_defaults(func=cmd_data)
+
+    methods = sub.add_parser("methods", help="list registered methods")
+    methods.set_defaults(func=cmd_methods)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    _quiet_libraries()
+    try:
+        return args.func(args)
+    except FedpitError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,370 @@
+"""Typed experiment configuration: TOML file -> `--set key=value` overrides -> validation -> dump.
+
+Every number from the method doc is a default here, never a constant in code. Unknown keys and
+wrong types are errors (with a "did you mean" hint), because a silently ignored typo in a
+research config produces a wrong experiment that looks right.
+
+Method options live in `[method]` beside `name`; they are checked against the chosen method's
+own options dataclass by `fedpit.methods`, which keeps this module free of method imports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from fedpit.errors import ConfigError
+
+LLAMA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "smollm2-135m-instruct"
+    dtype: str = "bf16"
+    max_length: int = 512
+    threads: int = 0
+    trust_remote_code: bool = False
+    cache_dir: str = ""
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: list(LLAMA_TARGET_MODULES))
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    template: str = "alpaca"
+
+
+@dataclass(frozen=True)
+class FewShotConfig:
+    enabled: bool = True
+    total: int = 500
+    num_clusters: int = 100
+    pool_size: int = 4000
+    embedder: str = "minilm"
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    kind: str = "dirichlet"
+    num_clients: int = 10
+    by: str = "cluster"
+    alpha: float = 1.0
+    min_examples: int = 8
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dir: str = ""
+    source: str = "medquad"
+    file: str = ""
+    instruction_field: str = "instruction"
+    input_field: str = "input"
+    output_field: str = "output"
+    max_input_tokens: int = 256
+    max_response_tokens: int = 256
+    fewshot: FewShotConfig = field(default_factory=FewShotConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    rounds: int = 10
+    clients_per_round: int = 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 8
+    learning_rate: float = 3e-4
+    min_learning_rate: float = 0.0
+    schedule: str = "cosine"
+    epochs: int = 1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    num_candidates: int = 32
+    max_instructions: int = 128
+    batch_size: int = 16
+    num_instruction_demos: int = 8
+    num_response_demos: int = 3
+    max_redraws: int = 3
+    rouge_threshold: float = 0.7
+    min_instruction_words: int = 3
+    min_response_words: int = 5
+    max_new_tokens_instruction: int = 48
+    max_new_tokens_response: int = 128
+    decoding: str = "greedy"
+    temperature: float = 0.7
+    top_p: float = 0.9
+
+
+@dataclass(frozen=True)
+class MethodSection:
+    name: str = "fedpit"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every: int = 1
+    at_start: bool = True
+    sets: list[str] = field(default_factory=lambda: ["medquad", "medinstruct"])
+    num_examples: int = 50
+    max_new_tokens: int = 128
+    batch_size: int = 16
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    save_synthetic: bool = True
+    checkpoint_every: int = 1
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int = 0
+    name: str = "fedpit"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    method: MethodSection = field(default_factory=MethodSection)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.dtype": ("bf16", "fp32", "fp16", "auto"),
+    "prompt.template": ("alpaca", "chat"),
+    "data.source": ("medquad", "pubmedqa", "file"),
+    "data.fewshot.embedder": ("minilm", "tfidf"),
+    "data.partition.kind": ("iid", "dirichlet", "natural"),
+    "train.schedule": ("cosine", "constant"),
+    "synth.decoding": ("greedy", "sample"),
+}
+EVAL_SETS = ("medquad", "medinstruct", "pubmedqa")
+
+
+# ---------------------------------------------------------------- building typed values
+
+
+def build_dataclass(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """Build `cls` from a plain mapping, rejecting unknown keys and checking each value's type."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'} must be a table, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        key = unknown[0]
+        full = f"{where}.{key}" if where else key
+        hint = difflib.get_close_matches(key, list(fields), n=1)
+        suggestion = f"; did you mean '{hint[0]}'?" if hint else f"; known keys: {', '.join(fields)}"
+        raise ConfigError(f"unknown config key '{full}'{suggestion}")
+    kwargs = {}
+    for name, value in data.items():
+        full = f"{where}.{name}" if where else name
+        kwargs[name] = _coerce(hints[name], value, full)
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return build_dataclass(hint, value, where)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(hint):
+            if option is type(None) and value is None:
+                return None
+            try:
+                return _coerce(option, value, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[-1])
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{where}' must be a list, got {value!r}")
+        return [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{where}' must be a table, got {value!r}")
+        return dict(value)
+    if hint is Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise TypeError(f"unsupported config type {hint!r} at {where}")
+    raise ConfigError(f"config key '{where}' must be {hint.__name__}, got {value!r} ({type(value).__name__})")
+
+
+# ---------------------------------------------------------------- loading, overrides, dumping
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split `a.b=value`; the value is read as a TOML value, or as a plain string if it is not one."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key=value, e.g. federation.rounds=3")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{text}': '{part}' is a value, not a table")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def _split_method(data: dict[str, Any]) -> dict[str, Any]:
+    """`[method]` keeps its name and passes every other key on as the method's options."""
+    method = data.get("method")
+    if method is None:
+        return data
+    if not isinstance(method, dict):
+        raise ConfigError("config key 'method' must be a table with at least 'name'")
+    method = dict(method)
+    name = method.pop("name", MethodSection.name)
+    options = method.pop("options", {})
+    options.update(method)
+    return {**data, "method": {"name": name, "options": options}}
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    config = build_dataclass(Config, _split_method(data))
+    validate(config)
+    return config
+
+
+def load(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' not found; pass a TOML file such as configs/demo.toml")
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file '{path}' is not valid TOML: {exc}") from None
+    return from_dict(apply_overrides(data, list(overrides or [])))
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    data = dataclasses.asdict(config)
+    method = data.pop("method")
+    data["method"] = {"name": method["name"], **method["options"]}
+    return data
+
+
+def dumps(config: Config) -> str:
+    return tomli_w.dumps(to_dict(config))
+
+
+def replace(config: Config, **changes: Any) -> Config:
+    """Copy `config` with dotted-key changes, e.g. replace(cfg, **{"method.beta": 1.0})."""
+    return from_dict(apply_overrides(to_dict(config), [f"{k}={_toml_value(v)}" for k, v in changes.items()]))
+
+
+def _toml_value(value: Any) -> str:
+    return tomli_w.dumps({"v": value}).split("=", 1)[1].strip()
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _get(config: Config, dotted: str) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def validate(config: Config) -> None:
+    for key, allowed in CHOICES.items():
+        value = _get(config, key)
+        if value not in allowed:
+            raise ConfigError(f"config key '{key}' is '{value}'; choose one of: {', '.join(allowed)}")
+    positive = [
+        "model.max_length", "lora.rank", "lora.alpha", "data.max_input_tokens", "data.max_response_tokens",
+        "data.fewshot.total", "data.fewshot.num_clusters", "data.partition.num_clients",
+        "data.partition.min_examples", "federation.rounds", "train.batch_size", "train.epochs",
+        "synth.num_candidates", "synth.max_instructions", "synth.batch_size", "synth.num_instruction_demos",
+        "synth.num_response_demos", "synth.max_new_tokens_instruction", "synth.max_new_tokens_response",
+        "eval.num_examples", "eval.max_new_tokens", "eval.batch_size",
+    ]
+    for key in positive:
+        if _get(config, key) <= 0:
+            raise ConfigError(f"config key '{key}' must be > 0, got {_get(config, key)}")
+    non_negative = ["federation.clients_per_round", "model.threads", "synth.max_redraws", "eval.every",
+                    "output.checkpoint_every", "train.weight_decay", "train.max_grad_norm",
+                    "train.min_learning_rate"]
+    for key in non_negative:
+        if _get(config, key) < 0:
+            raise ConfigError(f"config key '{key}' must be >= 0, got {_get(config, key)}")
+    for key in ("lora.dropout", "synth.rouge_threshold", "synth.top_p"):
+        if not 0.0 <= _get(config, key) <= 1.0:
+            raise ConfigError(f"config key '{key}' must be within [0, 1], got {_get(config, key)}")
+    if config.train.learning_rate <= 0:
+        raise ConfigError(f"config key 'train.learning_rate' must be > 0, got {config.train.learning_rate}")
+    if config.synth.temperature <= 0:
+        raise ConfigError(f"config key 'synth.temperature' must be > 0, got {config.synth.temperature}")
+    if config.data.partition.alpha <= 0:
+        raise ConfigError(f"config key 'data.partition.alpha' must be > 0, got {config.data.partition.alpha}")
+    if config.data.source == "file" and not config.data.file:
+        raise ConfigError("data.source is 'file' but data.file is empty; set data.file=PATH to a JSON/JSONL file")
+    if not config.lora.target_modules:
+        raise ConfigError("config key 'lora.target_modules' must name at least one module, e.g. ['q_proj', 'v_proj']")
+    for name in config.eval.sets:
+        if name not in EVAL_SETS:
+            raise ConfigError(f"eval.sets contains unknown set '{name}'; choose from: {', '.join(EVAL_SETS)}")
+    if config.federation.clients_per_round > config.data.partition.num_clients and config.data.partition.kind != "natural":
+        raise ConfigError(
+            f"federation.clients_per_round={config.federation.clients_per_round} exceeds "
+            f"data.partition.num_clients={config.data.partition.num_clients}; lower it or use 0 for all clients"
+        )

@@ -1,0 +1,146 @@
+"""From a config to a federation: held-out evaluation sets, the few-shot training selection, and
+its split over clients.
+
+Evaluation examples are drawn first and everything that repeats one of them (same question or
+same answer text, as MedQuAD has across NIH sites) is removed from the training pool, so held-out
+sets never overlap training data.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from fedpit.config import Config
+from fedpit.data.fewshot import select_fewshot
+from fedpit.data.partition import partition_examples
+from fedpit.data.sources import (
+    load_instruction_file,
+    load_medinstruct_test,
+    load_medquad,
+    load_pubmedqa,
+    resolve_data_dir,
+)
+from fedpit.errors import DataError
+from fedpit.seeding import derive_seed
+from fedpit.types import Example
+
+
+@dataclass
+class Federation:
+    clients: dict[str, list[Example]]
+    eval_sets: dict[str, list[Example]]
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "clients": len(self.clients),
+            "sizes": {c: len(e) for c, e in self.clients.items()},
+            "train_examples": sum(len(e) for e in self.clients.values()),
+            "eval_sets": {name: len(e) for name, e in self.eval_sets.items()},
+        }
+
+
+def text_key(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def truncate_tokens(tokenizer, text: str, max_tokens: int) -> str:
+    """Cut to a token budget (answers in MedQuAD run to hundreds of words)."""
+    if not text:
+        return text
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) <= max_tokens:
+        return text
+    return tokenizer.decode(ids[:max_tokens], skip_special_tokens=True).strip()
+
+
+def _fit(tokenizer, example: Example, config: Config) -> Example:
+    return replace(
+        example,
+        input=truncate_tokens(tokenizer, example.input, config.data.max_input_tokens),
+        output=truncate_tokens(tokenizer, example.output, config.data.max_response_tokens),
+    )
+
+
+def _data_dir(config: Config) -> Path | None:
+    needs_dir = config.data.source != "file" or bool(config.eval.sets)
+    return resolve_data_dir(config.data.dir) if needs_dir else None
+
+
+def load_pool(config: Config, data_dir: Path | None) -> list[Example]:
+    source = config.data.source
+    if source == "medquad":
+        return load_medquad(data_dir)
+    if source == "pubmedqa":
+        return load_pubmedqa(data_dir, split="train")  # the official test ids stay out of training
+    path = Path(config.data.file).expanduser()
+    if not path.is_absolute() and not path.exists() and data_dir is not None:
+        path = data_dir / path
+    return load_instruction_file(path, config.data.instruction_field, config.data.input_field,
+                                 config.data.output_field)
+
+
+def _eval_sets(config: Config, data_dir: Path | None, pool: list[Example], rng: random.Random) -> dict[str, list[Example]]:
+    sets: dict[str, list[Example]] = {}
+    n = config.eval.num_examples
+    for name in config.eval.sets:
+        if name == "medquad":
+            candidates = pool if config.data.source == "medquad" else load_medquad(data_dir)
+        elif name == "medinstruct":
+            candidates = load_medinstruct_test(data_dir)
+        else:
+            candidates = load_pubmedqa(data_dir, split="test")
+        chosen = rng.sample(range(len(candidates)), min(n, len(candidates)))
+        sets[name] = [candidates[i] for i in sorted(chosen)]
+    return sets
+
+
+def build_federation(config: Config, tokenizer) -> Federation:
+    data_dir = _data_dir(config)
+    pool = load_pool(config, data_dir)
+    rng = random.Random(derive_seed(config.seed, "eval-split"))
+    eval_sets = _eval_sets(config, data_dir, pool, rng)
+    held_out = {text_key(e.instruction) for s in eval_sets.values() for e in s}
+    held_out |= {text_key(e.output) for s in eval_sets.values() for e in s}
+    train_pool = [e for e in pool if text_key(e.instruction) not in held_out and text_key(e.output) not in held_out]
+
+    fewshot = config.data.fewshot
+    partition = config.data.partition
+    if fewshot.enabled:
+        selected = select_fewshot(train_pool, total=fewshot.total, num_clusters=fewshot.num_clusters,
+                                  seed=config.seed, embedder=fewshot.embedder, pool_size=fewshot.pool_size)
+    else:
+        if partition.by == "cluster" and partition.kind == "dirichlet":
+            raise DataError("data.partition.by='cluster' needs data.fewshot.enabled=true; "
+                            "or split by a data field, e.g. --set data.partition.by=qtype")
+        if fewshot.total > len(train_pool):
+            raise DataError(f"data.fewshot.total={fewshot.total} but only {len(train_pool)} training examples "
+                            f"are available; lower data.fewshot.total")
+        picks = random.Random(derive_seed(config.seed, "pool")).sample(range(len(train_pool)), fewshot.total)
+        selected = [train_pool[i] for i in sorted(picks)]
+    selected = [_fit(tokenizer, e, config) for e in selected]
+    eval_sets = {name: [_fit(tokenizer, e, config) for e in examples] for name, examples in eval_sets.items()}
+    clients = partition_examples(selected, kind=partition.kind, num_clients=partition.num_clients,
+                                 by=partition.by, alpha=partition.alpha, seed=config.seed,
+                                 min_size=partition.min_examples)
+    for client, examples in clients.items():
+        if len(examples) < partition.min_examples:
+            raise DataError(
+                f"client '{client}' has {len(examples)} examples, fewer than data.partition.min_examples="
+                f"{partition.min_examples}; use fewer clients, more data (data.fewshot.total) or a lower minimum"
+            )
+    return Federation(clients=clients, eval_sets=eval_sets)
+
+
+def check_demonstrations(federation: Federation, config: Config) -> None:
+    """Self-generation shows each client's own examples as demonstrations: it needs enough of them."""
+    need = config.synth.num_response_demos + 1
+    for client, examples in federation.clients.items():
+        if len(examples) < need:
+            raise DataError(
+                f"client '{client}' has {len(examples)} examples, fewer than synth.num_response_demos="
+                f"{config.synth.num_response_demos} demonstrations plus one; lower synth.num_response_demos, "
+                f"use fewer clients (data.partition.num_clients) or more data (data.fewshot.total)"
+            )

@@ -1,0 +1,56 @@
+"""Token-level encoding shared by training and scoring, so both see identical sequences."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class EncodedPair:
+    """A context followed by a target; only target tokens carry loss."""
+
+    input_ids: list[int]
+    num_context: int
+
+    @property
+    def labels(self) -> list[int]:
+        return [IGNORE_INDEX] * self.num_context + self.input_ids[self.num_context :]
+
+
+def encode_pair(tokenizer, context: str | None, target: str, max_length: int) -> EncodedPair:
+    """Tokenise `context + target + eos`. A `None` context means "no prompt at all": the target is
+    scored after a single BOS (or EOS) token, which is how the IFS denominator L(y) is defined.
+
+    Over-long pairs lose context from the left first (the end of a prompt matters most), then
+    target from the right.
+    """
+    eos = tokenizer.eos_token_id
+    if context is None:
+        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
+        context_ids = [start]
+    else:
+        context_ids = tokenizer(context, add_special_tokens=True)["input_ids"]
+    target_ids = tokenizer(target, add_special_tokens=False)["input_ids"] + [eos]
+    target_ids = target_ids[: max(1, max_length - 1)]
+    room = max_length - len(target_ids)
+    if len(context_ids) > room:
+        context_ids = context_ids[len(context_ids) - room :] if room > 0 else context_ids[-1:]
+    return EncodedPair(input_ids=context_ids + target_ids, num_context=len(context_ids))
+
+
+def collate(pairs: list[EncodedPair], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest pair in this batch only (never to a global maximum)."""
+    width = max(len(p.input_ids) for p in pairs)
+    ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(pairs), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(pairs), width), dtype=torch.long)
+    for row, pair in enumerate(pairs):
+        n = len(pair.input_ids)
+        ids[row, :n] = torch.tensor(pair.input_ids)
+        labels[row, :n] = torch.tensor(pair.labels)
+        mask[row, :n] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}

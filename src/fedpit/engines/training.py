@@ -1,0 +1,99 @@
+"""Supervised fine-tuning of the LoRA slot: one plain loop, read top to bottom.
+
+The caller loads the starting adapter into the slot; this loop updates it in place with AdamW on
+the response tokens only (prompt tokens are masked out of the loss). `extra_loss` lets a method
+add a term (a FedProx proximal term, a SCAFFOLD correction) without subclassing anything.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from fedpit.engines.encoding import collate, encode_pair
+from fedpit.model import ModelHandle
+from fedpit.prompts import PromptFormat
+from fedpit.types import Example
+
+ExtraLoss = Callable[[dict[str, torch.nn.Parameter]], torch.Tensor]
+StepCallback = Callable[[int, int, float], None]
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    batch_size: int = 8
+    learning_rate: float = 3e-4
+    epochs: int = 1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_length: int = 512
+
+
+@dataclass
+class TrainResult:
+    mean_loss: float
+    steps: int
+    tokens: int
+    seconds: float
+    losses: list[float] = field(default_factory=list)
+
+
+def train_adapter(
+    handle: ModelHandle,
+    fmt: PromptFormat,
+    examples: list[Example],
+    options: TrainOptions,
+    seed: int,
+    extra_loss: ExtraLoss | None = None,
+    on_step: StepCallback | None = None,
+) -> TrainResult:
+    if not examples:
+        return TrainResult(mean_loss=float("nan"), steps=0, tokens=0, seconds=0.0)
+    start = time.perf_counter()
+    encoded = [
+        encode_pair(handle.tokenizer, fmt.render(ex.instruction, ex.input), ex.output, options.max_length)
+        for ex in examples
+    ]
+    params = list(handle.lora_params.values())
+    optimizer = torch.optim.AdamW(params, lr=options.learning_rate, weight_decay=options.weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # LoRA dropout draws from the global generator
+    steps_per_epoch = math.ceil(len(encoded) / options.batch_size)
+    total_steps = steps_per_epoch * options.epochs
+    losses: list[float] = []
+    tokens = 0
+    handle.model.train()
+    for _epoch in range(options.epochs):
+        order = torch.randperm(len(encoded), generator=generator).tolist()
+        for first in range(0, len(order), options.batch_size):
+            batch = collate([encoded[i] for i in order[first : first + options.batch_size]],
+                            handle.tokenizer.pad_token_id, handle.device)
+            loss = handle.model(**batch).loss
+            if extra_loss is not None:
+                loss = loss + extra_loss(handle.lora_params)
+            loss.backward()
+            if options.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, options.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            tokens += int(batch["attention_mask"].sum())
+            if on_step is not None:
+                on_step(len(losses), total_steps, losses[-1])
+    handle.model.eval()
+    return TrainResult(
+        mean_loss=sum(losses) / len(losses), steps=len(losses), tokens=tokens,
+        seconds=time.perf_counter() - start, losses=losses,
+    )
+
+
+def learning_rate_for_round(base: float, minimum: float, schedule: str, round_num: int, rounds: int) -> float:
+    """The paper decays the learning rate over rounds (cosine), constant within a round."""
+    if schedule == "constant" or rounds <= 1:
+        return base
+    progress = (round_num - 1) / (rounds - 1)
+    return minimum + 0.5 * (base - minimum) * (1.0 + math.cos(math.pi * progress))

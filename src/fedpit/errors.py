@@ -1,0 +1,23 @@
+"""User-facing errors: one line that names the problem and the fix.
+
+The CLI prints a `FedpitError` as a single line without a traceback; anything else is a bug
+and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class FedpitError(Exception):
+    """A problem the user can fix (bad config, missing data, unknown model)."""
+
+
+class ConfigError(FedpitError):
+    """The configuration is invalid: unknown key, wrong type, out-of-range value."""
+
+
+class DataError(FedpitError):
+    """Input data is missing, empty or malformed, or too small for the requested setup."""
+
+
+class ModelError(FedpitError):
+    """The base model cannot be found or loaded."""

@@ -1,0 +1,126 @@
+"""What a federated method is: a client rule and a server rule, plus the context they run in.
+
+A method never touches transport, files or other clients. The client rule receives a
+`ClientContext` (private examples, private state, the engines bound to the shared model) and
+returns a `ClientResult`; the server rule turns uploads into the next global adapter.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from fedpit.config import Config, build_dataclass
+from fedpit.engines import scoring
+from fedpit.engines.training import TrainOptions, TrainResult, train_adapter
+from fedpit.model import ModelHandle
+from fedpit.prompts import PromptFormat
+from fedpit.registry import Registry
+from fedpit.seeding import derive_seed
+from fedpit.synth import SynthOutcome, self_generate
+from fedpit.types import AdapterState, ClientResult, ClientState, ClientUpload, Example
+
+ProgressCallback = Callable[[str, int, int], None]
+
+
+@dataclass
+class ClientContext:
+    """Everything one client's rule may use in one round. Built fresh by the runtime each round."""
+
+    client: str
+    round: int
+    examples: list[Example]
+    state: ClientState
+    handle: ModelHandle
+    fmt: PromptFormat
+    config: Config
+    learning_rate: float
+    seed: int
+    on_progress: ProgressCallback | None = None
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phase_seconds[name] = self.phase_seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def _progress(self, label: str) -> Callable[[int, int], None] | None:
+        if self.on_progress is None:
+            return None
+        callback = self.on_progress
+        return lambda done, total: callback(label, done, total)
+
+    def train(self, start: AdapterState, examples: list[Example], purpose: str, epochs: int | None = None,
+              extra_loss=None) -> tuple[AdapterState, TrainResult]:
+        """Train a copy of `start` on `examples`; `purpose` names the phase and seeds the shuffle."""
+        train = self.config.train
+        options = TrainOptions(
+            batch_size=train.batch_size, learning_rate=self.learning_rate, epochs=epochs or train.epochs,
+            weight_decay=train.weight_decay, max_grad_norm=train.max_grad_norm,
+            max_length=self.config.model.max_length,
+        )
+        with self.phase(f"train_{purpose}"):
+            self.handle.set_adapter(start)
+            step = self._progress(f"train {purpose}")
+            result = train_adapter(
+                self.handle, self.fmt, examples, options, seed=derive_seed(self.seed, purpose),
+                extra_loss=extra_loss, on_step=(lambda s, t, _loss: step(s, t)) if step else None,
+            )
+            return self.handle.get_adapter(), result
+
+    def self_generate(self, adapter: AdapterState) -> SynthOutcome:
+        with self.phase("generation"):
+            self.handle.set_adapter(adapter)
+            return self_generate(
+                self.handle, self.fmt, self.examples, self.config.synth, seed=derive_seed(self.seed, "synth"),
+                round_num=self.round, client=self.client, on_progress=self._progress("self-generation"),
+            )
+
+    def ifs(self, adapter: AdapterState, examples: list[Example]) -> list[float]:
+        with self.phase("ifs_scoring"):
+            self.handle.set_adapter(adapter)
+            return scoring.ifs_scores(self.handle, self.fmt, examples, self.config.model.max_length,
+                                      self.config.eval.batch_size)
+
+    def upload(self, tensors: AdapterState, **metrics: float) -> ClientUpload:
+        return ClientUpload(client=self.client, tensors=tensors, num_examples=len(self.examples),
+                            metrics={k: float(v) for k, v in metrics.items()})
+
+
+class Method(ABC):
+    """A registered federated method. Subclasses set `name` and `Options` and register themselves."""
+
+    name: ClassVar[str]
+    Options: ClassVar[type]
+    uses_synthetic: ClassVar[bool] = False
+
+    def __init__(self, options: Any, config: Config) -> None:
+        self.options = options
+        self.config = config
+
+    @abstractmethod
+    def client_update(self, ctx: ClientContext, global_adapter: AdapterState) -> ClientResult: ...
+
+    @abstractmethod
+    def aggregate(self, global_adapter: AdapterState, uploads: list[ClientUpload],
+                  server_state: dict[str, Any]) -> AdapterState: ...
+
+
+METHODS: Registry[type[Method]] = Registry("method")
+
+
+def build_method(config: Config) -> Method:
+    """Look up `method.name` and check `method.*` options against that method's Options."""
+    cls = METHODS.get(config.method.name)
+    options = build_dataclass(cls.Options, config.method.options, "method")
+    check = getattr(options, "validate", None)
+    if check is not None:
+        check()
+    return cls(options, config)

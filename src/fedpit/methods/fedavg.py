@@ -1,0 +1,34 @@
+"""FedAvg over LoRA weights, i.e. FedIT (Zhang et al., "Towards Building the Federated GPT", 2023).
+
+The shortest method, and the template for new ones: an options dataclass, a client rule that
+trains from the global adapter on private data, and the weighted mean on the server.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from fedpit.methods.aggregation import weighted_average
+from fedpit.methods.base import METHODS, ClientContext, Method
+from fedpit.types import AdapterState, ClientResult, ClientUpload
+
+
+@dataclass(frozen=True)
+class FedAvgOptions:
+    """FedAvg has no options of its own."""
+
+
+@METHODS.register("fedavg")
+class FedAvg(Method):
+    name = "fedavg"
+    Options = FedAvgOptions
+
+    def client_update(self, ctx: ClientContext, global_adapter: AdapterState) -> ClientResult:
+        local, result = ctx.train(global_adapter, ctx.examples, "private")
+        upload = ctx.upload(local, train_loss_private=result.mean_loss)
+        return ClientResult(upload=upload, state=ctx.state, phase_seconds=ctx.phase_seconds)
+
+    def aggregate(self, global_adapter: AdapterState, uploads: list[ClientUpload],
+                  server_state: dict[str, Any]) -> AdapterState:
+        return weighted_average(uploads)

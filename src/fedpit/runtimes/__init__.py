@@ -1,0 +1,1 @@
+"""Runtimes move adapters and metrics between clients and server; they hold no algorithm."""

@@ -1,0 +1,165 @@
+"""Self-generation of synthetic instruction data by in-context learning (FedPIT, Zhang et al. 2024).
+
+Two Self-Instruct phases with the current global model and no external API:
+1. new instruction: "Task 1 ... Task 8" drawn from the client's own instructions, then "Task 9:";
+2. response: a few local (instruction, response) demonstrations, then the new instruction.
+Filters drop empty/short/refusal/template-marker outputs, instructions too close to a local one,
+and samples that copy private text; a response that fails the format check is retried with
+freshly drawn demonstrations up to `max_redraws` times. FedPIT, LocIT+SG and FedMIT share this.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from fedpit.config import SynthConfig
+from fedpit.engines.generation import DecodingOptions, generate
+from fedpit.model import ModelHandle
+from fedpit.prompts import PromptFormat
+from fedpit.textmetrics import max_rouge_l
+from fedpit.types import Example, SyntheticSample
+
+REFUSAL = re.compile(
+    r"\bas an ai\b|\blanguage model\b|^\s*(i'?m sorry|i am sorry|sorry\b|i apologi[sz]e)|"
+    r"\bi (cannot|can't|can not|am unable to|am not able to|won't)\b",
+    re.IGNORECASE,
+)
+FILTER_REASONS = (
+    "instruction_empty_or_short", "instruction_refusal", "instruction_markers", "instruction_similar_to_private",
+    "instruction_duplicate", "response_format", "copies_private",
+)
+
+Progress = Callable[[int, int], None]
+
+
+def instruction_prompt(instructions: list[str]) -> str:
+    tasks = "".join(f"Task {i}: {text}\n" for i, text in enumerate(instructions, start=1))
+    return f"Come up with a series of tasks:\n{tasks}Task {len(instructions) + 1}:"
+
+
+def _one_line(text: str, max_words: int = 80) -> str:
+    words = " ".join(text.split()).split(" ")
+    return " ".join(words[:max_words])
+
+
+def _format_problem(text: str, min_words: int, markers: tuple[str, ...]) -> str | None:
+    if len(text.split()) < min_words:
+        return "empty_or_short"
+    if REFUSAL.search(text):
+        return "refusal"
+    if any(m in text for m in markers):
+        return "markers"
+    return None
+
+
+@dataclass
+class SynthOutcome:
+    samples: list[SyntheticSample]
+    generated_instructions: int
+    filtered: Counter = field(default_factory=Counter)
+
+    def counts(self) -> dict[str, int]:
+        return {"generated": self.generated_instructions, "passed": len(self.samples),
+                **{f"filtered_{r}": self.filtered.get(r, 0) for r in FILTER_REASONS}}
+
+
+def self_generate(
+    handle: ModelHandle,
+    fmt: PromptFormat,
+    private: list[Example],
+    config: SynthConfig,
+    *,
+    seed: int,
+    round_num: int,
+    client: str,
+    on_progress: Progress | None = None,
+) -> SynthOutcome:
+    """Generate until `num_candidates` samples pass the filters or `max_instructions` are spent."""
+    rng = random.Random(seed)
+    decoding = dict(do_sample=config.decoding == "sample", temperature=config.temperature, top_p=config.top_p)
+    instr_opts = DecodingOptions(max_new_tokens=config.max_new_tokens_instruction, stop_strings=("\n",), **decoding)
+    resp_opts = DecodingOptions(max_new_tokens=config.max_new_tokens_response,
+                                stop_strings=tuple(fmt.stop_strings), **decoding)
+    local_instructions = [_one_line(e.instruction) for e in private]
+    local_texts = [f"{e.instruction}\n{e.output}" for e in private]
+    local_outputs = [e.output for e in private]
+    outcome = SynthOutcome(samples=[], generated_instructions=0)
+    accepted_instructions: list[str] = []
+    gen_seed = seed
+    while len(outcome.samples) < config.num_candidates and outcome.generated_instructions < config.max_instructions:
+        want = min(config.batch_size, config.max_instructions - outcome.generated_instructions)
+        draws = [rng.sample(range(len(private)), min(config.num_instruction_demos, len(private))) for _ in range(want)]
+        prompts = [instruction_prompt([local_instructions[i] for i in d]) for d in draws]
+        gen_seed += 1
+        raw = generate(handle, prompts, instr_opts, batch_size=config.batch_size, seed=gen_seed)
+        outcome.generated_instructions += len(raw)
+        pending: list[tuple[str, list[str]]] = []
+        for text, draw in zip(raw, draws):
+            instruction = text.strip().strip('"').strip()
+            problem = _format_problem(instruction, config.min_instruction_words, fmt.markers)
+            if problem:
+                outcome.filtered[f"instruction_{problem}"] += 1
+            elif max_rouge_l(instruction, local_instructions, config.rouge_threshold) > config.rouge_threshold:
+                outcome.filtered["instruction_similar_to_private"] += 1
+            elif max_rouge_l(instruction, accepted_instructions, config.rouge_threshold) > config.rouge_threshold:
+                outcome.filtered["instruction_duplicate"] += 1
+            else:
+                accepted_instructions.append(instruction)
+                pending.append((instruction, [private[i].id for i in draw]))
+        gen_seed += 1
+        responses = _respond_with_redraws(handle, fmt, private, pending, config, resp_opts, rng, gen_seed)
+        for (instruction, instr_demo_ids), (response, resp_demo_ids, attempts) in zip(pending, responses):
+            if response is None:
+                outcome.filtered["response_format"] += 1
+                continue
+            overlap = max(max_rouge_l(f"{instruction}\n{response}", local_texts),
+                          max_rouge_l(response, local_outputs))
+            if overlap > config.rouge_threshold:
+                outcome.filtered["copies_private"] += 1
+                continue
+            if len(outcome.samples) < config.num_candidates:
+                outcome.samples.append(SyntheticSample(
+                    instruction=instruction, output=response, round=round_num, client=client,
+                    instruction_demo_ids=instr_demo_ids, response_demo_ids=resp_demo_ids,
+                    attempts=attempts, max_rouge_vs_private=round(overlap, 4),
+                ))
+        if on_progress is not None:
+            on_progress(len(outcome.samples), config.num_candidates)
+    return outcome
+
+
+def _respond_with_redraws(
+    handle: ModelHandle,
+    fmt: PromptFormat,
+    private: list[Example],
+    pending: list[tuple[str, list[str]]],
+    config: SynthConfig,
+    options: DecodingOptions,
+    rng: random.Random,
+    seed: int,
+) -> list[tuple[str | None, list[str], int]]:
+    """Write a response for each instruction; rows that fail the format check are retried together
+    with new demonstrations, at most `max_redraws` more times."""
+    results: list[tuple[str | None, list[str], int]] = [(None, [], 0) for _ in pending]
+    todo = list(range(len(pending)))
+    k = min(config.num_response_demos, len(private))
+    for attempt in range(1, config.max_redraws + 2):
+        if not todo:
+            break
+        demos = {row: rng.sample(private, k) for row in todo}
+        prompts = [fmt.render_with_demos(demos[row], pending[row][0]) for row in todo]
+        texts = generate(handle, prompts, options, batch_size=config.batch_size, seed=seed + attempt)
+        still = []
+        for row, text in zip(todo, texts):
+            ids = [d.id for d in demos[row]]
+            if _format_problem(text, config.min_response_words, fmt.markers) is None:
+                results[row] = (text, ids, attempt)
+            else:
+                results[row] = (None, ids, attempt)
+                still.append(row)
+        todo = still
+    return results
