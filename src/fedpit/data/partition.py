@@ -100,8 +100,8 @@ def _split_indices(
             if kind != "dirichlet":
                 raise
             raise DataError(
-                f"a Dirichlet split (alpha={alpha}) of {len(examples)} examples over '{by}' could not give each "
-                f"of {num_clients} clients at least {min_size} examples ({exc}); "
+                f"a Dirichlet split (alpha={alpha}) of {len(examples)} examples over '{by}' could not "
+                f"give each of {num_clients} clients at least {min_size} examples ({exc}); "
                 "lower num_clients, raise alpha, or add data"
             ) from None
     if kind == "natural":

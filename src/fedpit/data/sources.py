@@ -41,9 +41,13 @@ def resolve_data_dir(configured: str | None) -> Path:
     elif os.environ.get(DATA_DIR_ENV, "").strip():
         path, origin = Path(os.environ[DATA_DIR_ENV].strip()).expanduser(), DATA_DIR_ENV
     else:
-        raise DataError(f"no data folder: data.dir is empty and {DATA_DIR_ENV} is not set; {HOW_TO_SET_DATA_DIR}")
+        raise DataError(
+            f"no data folder: data.dir is empty and {DATA_DIR_ENV} is not set; {HOW_TO_SET_DATA_DIR}"
+        )
     if not path.is_dir():
-        raise DataError(f"data folder {path} (from {origin}) does not exist or is not a folder; {HOW_TO_SET_DATA_DIR}")
+        raise DataError(
+            f"data folder {path} (from {origin}) does not exist or is not a folder; {HOW_TO_SET_DATA_DIR}"
+        )
     return path.resolve()
 
 
@@ -52,7 +56,9 @@ def normalise_whitespace(text: str) -> str:
     and teach the model to emit runs of spaces. Line breaks carry list/paragraph structure, so each
     run of breaks becomes one newline and every other run of white space one space.
     """
-    lines = (_SPACES.sub(" ", line).strip() for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n"))
+    lines = (
+        _SPACES.sub(" ", line).strip() for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    )
     return "\n".join(line for line in lines if line)
 
 
@@ -63,7 +69,7 @@ def _require_dir(path: Path, what: str) -> Path:
 
 
 def _nonempty(examples: list[Example], where: Path) -> list[Example]:
-    """An existing file that yields nothing is almost always the wrong file; stop before training on nothing."""
+    """A file that exists but yields nothing is almost always the wrong file: stop before training on it."""
     if not examples:
         raise DataError(f"{where}: no usable examples found; check that it is the right file and not empty")
     return examples
@@ -190,7 +196,10 @@ _MEDINSTRUCT_NON_REFERENCE = {"id", "instruction", "difficulty"}
 
 def load_medinstruct_test(data_dir: Path, reference: str = "gpt-4-answer") -> list[Example]:
     """MedInstruct-test with one model's answer as the reference; which one is a choice of the study."""
-    path = _require_dir(Path(data_dir) / "medinstruct", "MedInstruct ('medinstruct/')") / "MedInstruct-test.jsonl"
+    path = (
+        _require_dir(Path(data_dir) / "medinstruct", "MedInstruct ('medinstruct/')")
+        / "MedInstruct-test.jsonl"
+    )
     records = read_records(path)
     available = sorted({key for r in records for key in r.fields} - _MEDINSTRUCT_NON_REFERENCE)
     if reference not in available:
@@ -202,7 +211,11 @@ def load_medinstruct_test(data_dir: Path, reference: str = "gpt-4-answer") -> li
             id=f"medinstruct-{record.fields.get('id', record.index)}",
             instruction=require_str(path, record, "instruction").strip(),
             output=require_str(path, record, reference).strip(),
-            meta={"source": "MedInstruct", "difficulty": str(record.fields.get("difficulty", "")), "reference": reference},
+            meta={
+                "source": "MedInstruct",
+                "difficulty": str(record.fields.get("difficulty", "")),
+                "reference": reference,
+            },
         )
         for record in records
     ]
@@ -210,7 +223,7 @@ def load_medinstruct_test(data_dir: Path, reference: str = "gpt-4-answer") -> li
 
 
 def load_medinstruct_seeds(data_dir: Path) -> list[Example]:
-    """The 167 clinician-written seed tasks: extra instruction demonstrations that have no reference answer."""
+    """The 167 clinician-written seed tasks: extra instruction demonstrations, with no reference answer."""
     path = _require_dir(Path(data_dir) / "medinstruct", "MedInstruct ('medinstruct/')") / "med_seed.json"
     examples: list[Example] = []
     for record in read_records(path):
@@ -223,7 +236,10 @@ def load_medinstruct_seeds(data_dir: Path) -> list[Example]:
                 output="",
                 meta={
                     "source": "MedInstruct-seed",
-                    **{key: str(record.fields.get(key, "")) for key in ("topic", "view", "type", "difficulty")},
+                    **{
+                        key: str(record.fields.get(key, ""))
+                        for key in ("topic", "view", "type", "difficulty")
+                    },
                 },
             )
         )
@@ -258,7 +274,9 @@ def load_instruction_file(
     for record in read_records(path):
         instruction = require_str(path, record, instruction_field).strip()
         if not instruction:
-            raise DataError(f"{path}: {record.where} has an empty '{instruction_field}'; fill it in or remove it")
+            raise DataError(
+                f"{path}: {record.where} has an empty '{instruction_field}'; fill it in or remove it"
+            )
         examples.append(
             Example(
                 id=f"{path.stem}-{record.index}",

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from fedpit.model import ModelHandle
 
@@ -24,6 +25,30 @@ class DecodingOptions:
     top_p: float = 0.9
     stop_strings: tuple[str, ...] = ()
     max_prompt_tokens: int = 1024
+
+
+class StopOnStrings(StoppingCriteria):
+    """Ends each row when its generated text contains a stop string.
+
+    transformers' own `stop_strings` pre-processes the whole vocabulary on every `generate` call
+    (about a second with a 49k vocabulary); decoding only the new tokens of unfinished rows is far
+    cheaper for the short generations self-generation makes.
+    """
+
+    def __init__(self, tokenizer, stops: tuple[str, ...], prompt_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.stops = tuple(s for s in stops if s)
+        self.prompt_length = prompt_length
+        self.done: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        if self.done is None:
+            self.done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for row in (~self.done).nonzero().flatten().tolist():
+            text = self.tokenizer.decode(input_ids[row, self.prompt_length :], skip_special_tokens=True)
+            if any(stop in text for stop in self.stops):
+                self.done[row] = True
+        return self.done.clone()
 
 
 def cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
@@ -62,8 +87,9 @@ def generate(
             max_new_tokens=options.max_new_tokens,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
-            stop_strings=list(options.stop_strings) or None,
-            tokenizer=tokenizer if options.stop_strings else None,
+            stopping_criteria=StoppingCriteriaList(
+                [StopOnStrings(tokenizer, options.stop_strings, batch["input_ids"].shape[1])]
+            ) if options.stop_strings else None,
             use_cache=True,
             **sampling,
         )

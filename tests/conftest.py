@@ -1,0 +1,87 @@
+"""Shared fixtures: the real data folder, a tiny randomly initialised Llama model (seconds per
+step) that uses SmolLM2's tokenizer, and small configs that run a whole federation quickly."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    path = Path(os.environ.get("FEDPIT_DATA_DIR") or REPO.parent / "shared" / "data")
+    assert path.is_dir(), f"real data not found at {path}; set FEDPIT_DATA_DIR"
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> str:
+    from fedpit.model import resolve_model_path
+
+    return resolve_model_path("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_path) -> Path:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def write_instruction_file(path: Path, count: int, prefix: str = "") -> Path:
+    """Distinct medical-style pairs so ROUGE filters and partitions behave as on real data."""
+    organs = ["heart", "lung", "liver", "kidney", "skin", "brain", "bone", "eye", "ear", "blood", "thyroid", "colon"]
+    verbs = ["symptoms", "causes", "treatments", "tests", "risks", "outlook"]
+    records = []
+    for i in range(count):
+        organ, verb = organs[i % len(organs)], verbs[(i // len(organs)) % len(verbs)]
+        records.append({
+            "instruction": f"{prefix}What are the {verb} of disease {i} of the {organ}?",
+            "input": "",
+            "output": f"Disease {i} of the {organ} has {verb} number {i * 7 % 13} and patient code {1000 + i}.",
+            "qtype": verb,
+        })
+    path.write_text("\n".join(json.dumps(r) for r in records), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def tiny_overrides(tmp_path, tiny_model_dir) -> list[str]:
+    """A whole FedPIT federation on the tiny model in seconds: 3 clients, 2 rounds, tiny budgets."""
+    data = write_instruction_file(tmp_path / "train.jsonl", 36)
+    return [
+        f"model.name='{tiny_model_dir}'", "model.dtype='fp32'", "model.max_length=96",
+        f"model.cache_dir='{tmp_path / 'cache'}'",
+        "lora.rank=4", "lora.alpha=8", "lora.target_modules=['q_proj','v_proj']",
+        "data.source='file'", f"data.file='{data}'", "data.max_response_tokens=32",
+        "data.fewshot.enabled=false", "data.fewshot.total=36",
+        "data.partition.kind='iid'", "data.partition.num_clients=3", "data.partition.by='qtype'",
+        "data.partition.min_examples=4",
+        "federation.rounds=2", "train.batch_size=4", "train.learning_rate=0.01",
+        "synth.num_candidates=4", "synth.max_instructions=8", "synth.batch_size=8",
+        "synth.num_instruction_demos=4", "synth.num_response_demos=2",
+        "synth.max_new_tokens_instruction=12", "synth.max_new_tokens_response=16",
+        "synth.min_instruction_words=1", "synth.min_response_words=1",
+        "synth.decoding='sample'", "synth.temperature=1.0", "synth.top_p=1.0",
+        "method.keep=2", "eval.sets=[]",
+    ]

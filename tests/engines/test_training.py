@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import torch
+
+from fedpit.config import LoraConfig, ModelConfig
+from fedpit.engines.encoding import IGNORE_INDEX, encode_pair
+from fedpit.engines.training import TrainOptions, learning_rate_for_round, train_adapter
+from fedpit.model import load_model
+from fedpit.prompts import AlpacaFormat
+from fedpit.types import Example
+
+
+def test_prompt_tokens_are_masked_out_of_the_loss(tiny_model_dir):
+    handle = load_model(ModelConfig(name=str(tiny_model_dir), dtype="fp32"), LoraConfig(rank=4, alpha=8))
+    pair = encode_pair(handle.tokenizer, "### Instruction:\nHi\n\n### Response:\n", "Hello there", 64)
+    labels = pair.labels
+    assert labels[: pair.num_context] == [IGNORE_INDEX] * pair.num_context
+    assert labels[pair.num_context :] == pair.input_ids[pair.num_context :]
+    assert labels[-1] == handle.tokenizer.eos_token_id
+    long = encode_pair(handle.tokenizer, "word " * 100, "answer " * 10, 32)
+    assert len(long.input_ids) == 32 and long.labels[-1] == handle.tokenizer.eos_token_id
+
+
+def test_training_lowers_loss_and_only_touches_lora(tiny_model_dir):
+    handle = load_model(ModelConfig(name=str(tiny_model_dir), dtype="fp32"), LoraConfig(rank=4, alpha=8))
+    frozen = {n: p.detach().clone() for n, p in handle.model.named_parameters() if not p.requires_grad}
+    examples = [Example(id=str(i), instruction=f"Say code {i}", output=f"The code is {i}{i}{i}.") for i in range(8)]
+    options = TrainOptions(batch_size=4, learning_rate=0.02, epochs=6, max_length=64)
+    result = train_adapter(handle, AlpacaFormat(), examples, options, seed=0)
+    assert result.steps == 12
+    assert sum(result.losses[-2:]) / 2 < sum(result.losses[:2]) / 2
+    assert all(torch.equal(p, frozen[n]) for n, p in handle.model.named_parameters() if not p.requires_grad)
+
+
+def test_cosine_schedule_by_round():
+    assert learning_rate_for_round(1.0, 0.0, "cosine", 1, 5) == 1.0
+    assert abs(learning_rate_for_round(1.0, 0.0, "cosine", 3, 5) - 0.5) < 1e-12
+    assert abs(learning_rate_for_round(1.0, 0.1, "cosine", 5, 5) - 0.1) < 1e-12
+    assert learning_rate_for_round(1.0, 0.0, "constant", 4, 5) == 1.0

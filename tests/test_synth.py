@@ -1,0 +1,124 @@
+"""Self-generation filters, with the generation engine replaced by scripted outputs."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from fedpit import synth
+from fedpit.config import SynthConfig
+from fedpit.prompts import AlpacaFormat
+from fedpit.types import Example
+
+PRIVATE = [
+    Example(id=f"p{i}", instruction=f"What are the symptoms of condition number {i} in adults?",
+            output=f"Condition {i} causes fever, fatigue and a persistent cough lasting several weeks in adults.")
+    for i in range(10)
+]
+CONFIG = SynthConfig(num_candidates=10, max_instructions=10, batch_size=10, min_instruction_words=3,
+                     min_response_words=5, max_redraws=3)
+
+
+class ScriptedGenerator:
+    """Returns scripted instructions for "Task N:" prompts and scripted responses otherwise."""
+
+    def __init__(self, instructions, respond):
+        self.instructions = list(instructions)
+        self.respond = respond
+        self.response_calls = 0
+
+    def __call__(self, handle, prompts, options, batch_size=16, seed=None, on_batch=None):
+        if prompts[0].startswith("Come up with a series of tasks"):
+            out, self.instructions = self.instructions[: len(prompts)], self.instructions[len(prompts):]
+            return out + [""] * (len(prompts) - len(out))
+        self.response_calls += 1
+        return [self.respond(p, self.response_calls) for p in prompts]
+
+
+def _run(monkeypatch, instructions, respond, config=None):
+    config = config or replace(CONFIG, max_instructions=len(instructions), batch_size=len(instructions))
+    generator = ScriptedGenerator(instructions, respond)
+    monkeypatch.setattr(synth, "generate", generator)
+    outcome = synth.self_generate(None, AlpacaFormat(), PRIVATE, config, seed=0, round_num=1, client="c")
+    return outcome, generator
+
+
+def _instruction_of(prompt: str) -> str:
+    return prompt.rsplit("### Instruction:\n", 1)[1].split("\n\n### Response:")[0]
+
+
+GOOD_ANSWER = "Drink plenty of water, rest well and see a clinician if symptoms worsen quickly."
+
+
+def test_good_samples_pass_with_provenance(monkeypatch):
+    outcome, _ = _run(monkeypatch, ["How is a sprained ankle treated at home?"], lambda p, n: GOOD_ANSWER)
+    assert len(outcome.samples) == 1
+    sample = outcome.samples[0]
+    assert sample.instruction == "How is a sprained ankle treated at home?"
+    assert len(sample.instruction_demo_ids) == 8 and len(sample.response_demo_ids) == 3
+    assert sample.round == 1 and sample.client == "c" and sample.attempts == 1
+
+
+def test_copy_of_private_example_is_dropped(monkeypatch):
+    copied = PRIVATE[3].output
+    outcome, _ = _run(monkeypatch, ["How is a sprained ankle treated at home?"], lambda p, n: copied)
+    assert outcome.samples == []
+    assert outcome.filtered["copies_private"] == 1
+
+
+def test_near_duplicate_instruction_is_dropped(monkeypatch):
+    near = "What are the symptoms of condition number 4 in elderly adults?"
+    outcome, _ = _run(monkeypatch, [near], lambda p, n: GOOD_ANSWER)
+    assert outcome.samples == [] and outcome.filtered["instruction_similar_to_private"] == 1
+
+
+def test_duplicates_among_generated_instructions_are_dropped(monkeypatch):
+    text = "How is a sprained ankle treated at home?"
+    outcome, _ = _run(monkeypatch, [text, text], lambda p, n: GOOD_ANSWER)
+    assert len(outcome.samples) == 1 and outcome.filtered["instruction_duplicate"] == 1
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("", "instruction_empty_or_short"), ("Why?", "instruction_empty_or_short"),
+    ("As an AI language model I cannot write tasks", "instruction_refusal"),
+    ("Explain ### Response: something odd here", "instruction_markers"),
+])
+def test_bad_instructions_are_dropped(monkeypatch, text, reason):
+    outcome, _ = _run(monkeypatch, [text], lambda p, n: GOOD_ANSWER)
+    assert outcome.samples == [] and outcome.filtered[reason] == 1
+
+
+def test_refusal_response_is_retried_at_most_three_times(monkeypatch):
+    outcome, generator = _run(monkeypatch, ["How is a sprained ankle treated at home?"],
+                              lambda p, n: "Sorry, I cannot help with that request.")
+    assert outcome.samples == [] and outcome.filtered["response_format"] == 1
+    assert generator.response_calls == 1 + 3  # first try plus three re-draws of demonstrations
+
+
+def test_format_failure_then_success_records_attempts(monkeypatch):
+    outcome, generator = _run(monkeypatch, ["How is a sprained ankle treated at home?"],
+                              lambda p, n: "too short" if n < 3 else GOOD_ANSWER)
+    assert len(outcome.samples) == 1 and outcome.samples[0].attempts == 3
+
+
+def test_budget_stops_generation(monkeypatch):
+    config = replace(CONFIG, num_candidates=50, max_instructions=4, batch_size=2)
+    answers = iter(range(1000))
+    outcome, _ = _run(monkeypatch, [f"Describe unusual sign {i} of vitamin deficiency please" for i in range(10)],
+                      lambda p, n: f"{GOOD_ANSWER} Variant {next(answers)}.", config)
+    assert outcome.generated_instructions == 4
+    assert len(outcome.samples) <= 4
+
+
+def test_fewer_than_eight_examples_uses_all(monkeypatch):
+    config = replace(CONFIG, max_instructions=1, batch_size=1)
+    generator = ScriptedGenerator(["How is a sprained ankle treated at home?"], lambda p, n: GOOD_ANSWER)
+    monkeypatch.setattr(synth, "generate", generator)
+    outcome = synth.self_generate(None, AlpacaFormat(), PRIVATE[:5], config, seed=0, round_num=1, client="c")
+    assert len(outcome.samples[0].instruction_demo_ids) == 5
+
+
+def test_instruction_prompt_lists_tasks():
+    prompt = synth.instruction_prompt(["a b", "c d"])
+    assert prompt.endswith("Task 1: a b\nTask 2: c d\nTask 3:")
