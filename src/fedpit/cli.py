@@ -112,7 +112,9 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedpit", description="Privacy-preserving few-shot federated instruction tuning")
+    parser = argparse.ArgumentParser(
+        prog="fedpit", description="Privacy-preserving few-shot federated instruction tuning"
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -363,7 +363,8 @@ def validate(config: Config) -> None:
     for name in config.eval.sets:
         if name not in EVAL_SETS:
             raise ConfigError(f"eval.sets contains unknown set '{name}'; choose from: {', '.join(EVAL_SETS)}")
-    if config.federation.clients_per_round > config.data.partition.num_clients and config.data.partition.kind != "natural":
+    partition = config.data.partition
+    if config.federation.clients_per_round > partition.num_clients and partition.kind != "natural":
         raise ConfigError(
             f"federation.clients_per_round={config.federation.clients_per_round} exceeds "
             f"data.partition.num_clients={config.data.partition.num_clients}; lower it or use 0 for all clients"

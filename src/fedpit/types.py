@@ -43,7 +43,8 @@ class SyntheticSample:
     selected: bool = False
 
     def as_example(self, index: int) -> Example:
-        return Example(id=f"synth-r{self.round}-{self.client}-{index}", instruction=self.instruction, output=self.output)
+        sample_id = f"synth-r{self.round}-{self.client}-{index}"
+        return Example(id=sample_id, instruction=self.instruction, output=self.output)
 
 
 @dataclass(frozen=True)

@@ -56,9 +56,11 @@ def test_upload_is_exact_mix_of_private_and_synthetic(experiment, monkeypatch):
 def test_beta_one_reproduces_fedavg(experiment):
     global_adapter = experiment.handle.get_adapter()
     fedpit_config = config_mod.replace(experiment.config, **{"method.beta": 1.0})
-    fedpit_upload = build_method(fedpit_config).client_update(_context(experiment, fedpit_config), global_adapter).upload
+    fedpit_method = build_method(fedpit_config)
+    fedpit_upload = fedpit_method.client_update(_context(experiment, fedpit_config), global_adapter).upload
     fedavg_config = config_mod.from_dict({**config_mod.to_dict(experiment.config), "method": {"name": "fedavg"}})
-    fedavg_upload = build_method(fedavg_config).client_update(_context(experiment, fedavg_config), global_adapter).upload
+    fedavg_method = build_method(fedavg_config)
+    fedavg_upload = fedavg_method.client_update(_context(experiment, fedavg_config), global_adapter).upload
     assert all(torch.equal(fedpit_upload.tensors[k], fedavg_upload.tensors[k]) for k in global_adapter)
     assert fedpit_upload.num_examples == fedavg_upload.num_examples
 

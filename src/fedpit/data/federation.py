@@ -82,7 +82,9 @@ def load_pool(config: Config, data_dir: Path | None) -> list[Example]:
                                  config.data.output_field)
 
 
-def _eval_sets(config: Config, data_dir: Path | None, pool: list[Example], rng: random.Random) -> dict[str, list[Example]]:
+def _eval_sets(
+    config: Config, data_dir: Path | None, pool: list[Example], rng: random.Random
+) -> dict[str, list[Example]]:
     sets: dict[str, list[Example]] = {}
     n = config.eval.num_examples
     for name in config.eval.sets:
