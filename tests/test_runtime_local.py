@@ -76,3 +76,13 @@ def test_client_sampling_is_seeded_and_sized():
     assert sample_clients(clients, 0, seed=0, round_num=1) == clients
     draws = {tuple(sample_clients(clients, 2, seed=0, round_num=r)) for r in range(1, 20)}
     assert len(draws) > 1
+
+
+def test_persistent_private_adapters_are_evaluated_per_client(tmp_path, tiny_overrides, data_dir):
+    overrides = [o for o in tiny_overrides if not o.startswith("eval.sets")]
+    overrides += ["method.persistent_private=true", "federation.rounds=1", "eval.sets=['medinstruct']",
+                  "eval.num_examples=2", "eval.max_new_tokens=4", "eval.at_start=false", f"data.dir='{data_dir}'"]
+    exp, run, _final, _uploads = _run(tmp_path, overrides)
+    personal = [r for r in run.metrics() if r["kind"] == "eval" and r["target"] == "personal"]
+    assert sorted(r["client"] for r in personal) == sorted(exp.federation.clients)
+    assert all("medinstruct" in r["results"] for r in personal)

@@ -122,3 +122,10 @@ def test_fewer_than_eight_examples_uses_all(monkeypatch):
 def test_instruction_prompt_lists_tasks():
     prompt = synth.instruction_prompt(["a b", "c d"])
     assert prompt.endswith("Task 1: a b\nTask 2: c d\nTask 3:")
+
+
+def test_degenerate_repetition_is_a_format_failure(monkeypatch):
+    loop = "HIV is a virus that is a virus that is a virus that is a virus that is a virus that is a virus"
+    outcome, generator = _run(monkeypatch, ["How is a sprained ankle treated at home?"], lambda p, n: loop)
+    assert outcome.samples == [] and outcome.filtered["response_format"] == 1
+    assert synth.repetition_ratio(loop) > 0.5 and synth.repetition_ratio(GOOD_ANSWER) == 0.0

@@ -11,12 +11,15 @@ import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from fedpit.errors import FedpitError
 
 
 def _quiet_libraries() -> None:
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*generation flags are not valid.*")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging

@@ -114,6 +114,8 @@ class SynthConfig:
     decoding: str = "greedy"
     temperature: float = 0.7
     top_p: float = 0.9
+    repetition_penalty: float = 1.0
+    max_repetition: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -347,11 +349,13 @@ def validate(config: Config) -> None:
     for key in non_negative:
         if _get(config, key) < 0:
             raise ConfigError(f"config key '{key}' must be >= 0, got {_get(config, key)}")
-    for key in ("lora.dropout", "synth.rouge_threshold", "synth.top_p"):
+    for key in ("lora.dropout", "synth.rouge_threshold", "synth.top_p", "synth.max_repetition"):
         if not 0.0 <= _get(config, key) <= 1.0:
             raise ConfigError(f"config key '{key}' must be within [0, 1], got {_get(config, key)}")
     if config.train.learning_rate <= 0:
         raise ConfigError(f"config key 'train.learning_rate' must be > 0, got {config.train.learning_rate}")
+    if config.synth.repetition_penalty <= 0:
+        raise ConfigError(f"config key 'synth.repetition_penalty' must be > 0, got {config.synth.repetition_penalty}")
     if config.synth.temperature <= 0:
         raise ConfigError(f"config key 'synth.temperature' must be > 0, got {config.synth.temperature}")
     if config.data.partition.alpha <= 0:

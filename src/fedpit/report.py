@@ -57,7 +57,9 @@ def eval_rows(records: list[dict[str, Any]]) -> dict[str, list[dict[str, float]]
 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
-        return "–" if math.isnan(value) else f"{value:.3f}"
+        if math.isnan(value):
+            return "–"
+        return str(int(value)) if value.is_integer() and abs(value) < 1e9 else f"{value:.3f}"
     return str(value)
 
 

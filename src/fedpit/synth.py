@@ -29,7 +29,8 @@ REFUSAL = re.compile(
     re.IGNORECASE,
 )
 FILTER_REASONS = (
-    "instruction_empty_or_short", "instruction_refusal", "instruction_markers", "instruction_similar_to_private",
+    "instruction_empty_or_short", "instruction_repetitive", "instruction_refusal", "instruction_markers",
+    "instruction_similar_to_private",
     "instruction_duplicate", "response_format", "copies_private",
 )
 
@@ -46,9 +47,19 @@ def _one_line(text: str, max_words: int = 80) -> str:
     return " ".join(words[:max_words])
 
 
-def _format_problem(text: str, min_words: int, markers: tuple[str, ...]) -> str | None:
+def repetition_ratio(text: str, n: int = 3) -> float:
+    """Share of word n-grams that repeat an earlier one: high for degenerate loops
+    ("a virus that is a virus that is ..."), which small models fall into under greedy decoding."""
+    words = text.lower().split()
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def _format_problem(text: str, min_words: int, markers: tuple[str, ...], max_repetition: float = 1.0) -> str | None:
     if len(text.split()) < min_words:
         return "empty_or_short"
+    if repetition_ratio(text) > max_repetition:
+        return "repetitive"
     if REFUSAL.search(text):
         return "refusal"
     if any(m in text for m in markers):
@@ -80,7 +91,8 @@ def self_generate(
 ) -> SynthOutcome:
     """Generate until `num_candidates` samples pass the filters or `max_instructions` are spent."""
     rng = random.Random(seed)
-    decoding = dict(do_sample=config.decoding == "sample", temperature=config.temperature, top_p=config.top_p)
+    decoding = dict(do_sample=config.decoding == "sample", temperature=config.temperature, top_p=config.top_p,
+                    repetition_penalty=config.repetition_penalty)
     instr_opts = DecodingOptions(max_new_tokens=config.max_new_tokens_instruction, stop_strings=("\n",), **decoding)
     resp_opts = DecodingOptions(max_new_tokens=config.max_new_tokens_response,
                                 stop_strings=tuple(fmt.stop_strings), **decoding)
@@ -100,7 +112,7 @@ def self_generate(
         pending: list[tuple[str, list[str]]] = []
         for text, draw in zip(raw, draws):
             instruction = text.strip().strip('"').strip()
-            problem = _format_problem(instruction, config.min_instruction_words, fmt.markers)
+            problem = _format_problem(instruction, config.min_instruction_words, fmt.markers, config.max_repetition)
             if problem:
                 outcome.filtered[f"instruction_{problem}"] += 1
             elif max_rouge_l(instruction, local_instructions, config.rouge_threshold) > config.rouge_threshold:
@@ -156,7 +168,7 @@ def _respond_with_redraws(
         still = []
         for row, text in zip(todo, texts):
             ids = [d.id for d in demos[row]]
-            if _format_problem(text, config.min_response_words, fmt.markers) is None:
+            if _format_problem(text, config.min_response_words, fmt.markers, config.max_repetition) is None:
                 results[row] = (text, ids, attempt)
             else:
                 results[row] = (None, ids, attempt)

@@ -51,13 +51,15 @@ class SyntheticSample:
 class ClientUpload:
     """What a client sends to the server after a round: shared tensors, a weight, scalar metrics.
 
-    `metrics` holds numbers only (losses, counts, seconds); text never travels.
+    `metrics` holds numbers only (losses, counts, seconds); text never travels. `extras` carries
+    shared tensors other than the adapter (e.g. SCAFFOLD's control-variate delta).
     """
 
     client: str
     tensors: AdapterState
     num_examples: int
     metrics: dict[str, float] = field(default_factory=dict)
+    extras: dict[str, AdapterState] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for key, value in self.metrics.items():
@@ -66,7 +68,8 @@ class ClientUpload:
 
     @property
     def num_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+        shared = [*self.tensors.values(), *(t for group in self.extras.values() for t in group.values())]
+        return sum(t.numel() * t.element_size() for t in shared)
 
 
 @dataclass

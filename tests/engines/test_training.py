@@ -33,7 +33,8 @@ def test_training_lowers_loss_and_only_touches_lora(tiny_model_dir):
 
 
 def test_cosine_schedule_by_round():
-    assert learning_rate_for_round(1.0, 0.0, "cosine", 1, 5) == 1.0
-    assert abs(learning_rate_for_round(1.0, 0.0, "cosine", 3, 5) - 0.5) < 1e-12
-    assert abs(learning_rate_for_round(1.0, 0.1, "cosine", 5, 5) - 0.1) < 1e-12
+    assert learning_rate_for_round(1.0, 0.0, "cosine", 1, 4) == 1.0
+    assert abs(learning_rate_for_round(1.0, 0.0, "cosine", 3, 4) - 0.5) < 1e-12
+    rates = [learning_rate_for_round(1.0, 0.1, "cosine", r, 4) for r in range(1, 5)]
+    assert rates == sorted(rates, reverse=True) and rates[-1] > 0.1  # the last round still learns
     assert learning_rate_for_round(1.0, 0.0, "constant", 4, 5) == 1.0

@@ -23,6 +23,7 @@ class DecodingOptions:
     do_sample: bool = False
     temperature: float = 0.7
     top_p: float = 0.9
+    repetition_penalty: float = 1.0
     stop_strings: tuple[str, ...] = ()
     max_prompt_tokens: int = 1024
 
@@ -91,6 +92,7 @@ def generate(
                 [StopOnStrings(tokenizer, options.stop_strings, batch["input_ids"].shape[1])]
             ) if options.stop_strings else None,
             use_cache=True,
+            repetition_penalty=options.repetition_penalty if options.repetition_penalty != 1.0 else None,
             **sampling,
         )
         new_tokens = generated[:, batch["input_ids"].shape[1] :]

@@ -92,8 +92,9 @@ def train_adapter(
 
 
 def learning_rate_for_round(base: float, minimum: float, schedule: str, round_num: int, rounds: int) -> float:
-    """The paper decays the learning rate over rounds (cosine), constant within a round."""
+    """The paper decays the learning rate over rounds (cosine), constant within a round. The decay
+    would reach `minimum` one round after the last, so the last round still learns."""
     if schedule == "constant" or rounds <= 1:
         return base
-    progress = (round_num - 1) / (rounds - 1)
+    progress = (round_num - 1) / rounds
     return minimum + 0.5 * (base - minimum) * (1.0 + math.cos(math.pi * progress))

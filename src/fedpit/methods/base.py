@@ -40,6 +40,8 @@ class ClientContext:
     config: Config
     learning_rate: float
     seed: int
+    broadcast: dict[str, AdapterState] = field(default_factory=dict)
+    """What the server sent besides the global adapter this round (from `Method.broadcast`)."""
     on_progress: ProgressCallback | None = None
     phase_seconds: dict[str, float] = field(default_factory=dict)
 
@@ -104,6 +106,10 @@ class Method(ABC):
     def __init__(self, options: Any, config: Config) -> None:
         self.options = options
         self.config = config
+
+    def broadcast(self, server_state: dict[str, Any]) -> dict[str, AdapterState]:
+        """Tensors the server sends to every sampled client besides the global adapter (default none)."""
+        return {}
 
     @abstractmethod
     def client_update(self, ctx: ClientContext, global_adapter: AdapterState) -> ClientResult: ...

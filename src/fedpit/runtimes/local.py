@@ -91,13 +91,15 @@ def run_experiment(
         lr = learning_rate_for_round(cfg.train.learning_rate, cfg.train.min_learning_rate, cfg.train.schedule,
                                      round_num, cfg.federation.rounds)
         progress.clients(round_num, len(sampled))
+        broadcast = exp.method.broadcast(exp.server_state)
         uploads: list[ClientUpload] = []
         per_client: dict[str, dict[str, Any]] = {}
         for done, client in enumerate(sampled, start=1):
             ctx = ClientContext(
                 client=client, round=round_num, examples=exp.federation.clients[client],
                 state=store.load(client), handle=exp.handle, fmt=exp.fmt, config=cfg, learning_rate=lr,
-                seed=derive_seed(cfg.seed, "client", client, round_num), on_progress=progress.phase,
+                seed=derive_seed(cfg.seed, "client", client, round_num), broadcast=broadcast,
+                on_progress=progress.phase,
             )
             result = exp.method.client_update(ctx, global_adapter)
             store.save(client, result.state)  # client side: never leaves the client
@@ -131,5 +133,25 @@ def run_experiment(
         last = round_num == cfg.federation.rounds
         if cfg.eval.every > 0 and exp.federation.eval_sets and (round_num % cfg.eval.every == 0 or last):
             _evaluate(exp, run, global_adapter, round_num, progress)
+    if cfg.eval.every > 0 and exp.federation.eval_sets:
+        _evaluate_personal(exp, run, store, client_ids, progress)
     exp.handle.save_adapter(global_adapter, run.path / "adapter")
     return global_adapter
+
+
+def _evaluate_personal(exp: Experiment, run: RunDir, store: ClientStateStore, clients: list[str],
+                       progress: RunProgress) -> None:
+    """Clients that keep a private adapter (FedPIT's persistent option) also get their personalised
+    model (base + W_l) evaluated after the last round; the figures are the client's own to report."""
+    cfg = exp.config
+    options = EvalOptions(max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
+                          max_length=cfg.model.max_length)
+    for client in clients:
+        private = store.load(client).tensors.get("private")
+        if private is None:
+            continue
+        results = evaluate(exp.handle, exp.fmt, private, exp.federation.eval_sets, options, progress.phase)
+        run.append_metrics({"kind": "eval", "method": cfg.method.name, "round": cfg.federation.rounds,
+                            "target": "personal", "client": client, "results": results})
+        progress.message(f"personalised model of {client}: " + ", ".join(
+            f"{name} rougeL {m['rougeL']:.3f}" for name, m in results.items()))
