@@ -14,11 +14,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("FEDPIT_DATA_DIR", str(REPO.parent / "shared" / "data"))
 
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    path = Path(os.environ.get("FEDPIT_DATA_DIR") or REPO.parent / "shared" / "data")
+    path = Path(os.environ["FEDPIT_DATA_DIR"])
     assert path.is_dir(), f"real data not found at {path}; set FEDPIT_DATA_DIR"
     return path
 
