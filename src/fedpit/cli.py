@@ -48,10 +48,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = _load_config(args)
     console = Console(stderr=True)
-    console.log(f"preparing: model {config.model.name}, data {config.data.source}")
+    console.print(f"preparing: model {config.model.name}, data {config.data.source}")
     exp = prepare(config)
     sizes = {c: len(e) for c, e in exp.federation.clients.items()}
-    console.log(f"federation: {len(sizes)} clients, sizes {sizes}; eval sets "
+    console.print(f"federation: {len(sizes)} clients, sizes {sizes}; eval sets "
                 f"{ {k: len(v) for k, v in exp.federation.eval_sets.items()} }")
     run = RunDir.create(Path(args.out) if args.out else default_run_dir(config), config)
     run.write_status("running", federation=exp.federation.summary())
@@ -75,7 +75,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     for name, rows in eval_rows(run.metrics()).items():
         for row in (rows[0], rows[-1]) if len(rows) > 1 else rows:
             table.add_row(name, str(row["round"]), f"{row['rougeL']:.4f}", f"{row['nll']:.4f}")
-    console.print(table)
+    if table.row_count:
+        console.print(table)
     console.print(f"run directory: {run.path}\nreport: {report}\n"
                   f"took {time.perf_counter() - start:.0f}s")
     return 0

@@ -6,6 +6,7 @@ Methods and engines only call `phase(label, done, total)`; they never know how i
 from __future__ import annotations
 
 import logging
+import time
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -69,6 +70,6 @@ class RunProgress:
 
     def message(self, text: str) -> None:
         if self._bar is not None:
-            self._bar.console.log(text)
+            self._bar.console.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim] {text}", highlight=False)
         else:
             log.info(text)
