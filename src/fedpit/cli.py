@@ -106,6 +106,35 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_attack(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from fedpit.progress import RunProgress
+    from fedpit.report import write_report
+    from fedpit.runs import RunDir
+    from fedpit.runtimes.attack import attack_run
+
+    path = Path(args.run_dir)
+    if not (path / "config.toml").is_file():
+        raise FedpitError(f"'{path}' is not a run directory (no config.toml)")
+    console = Console(stderr=True)
+    targets = ["uploads" if t == "upload" else t for t in args.target]
+    with RunProgress(quiet=args.quiet, console=console) as progress:
+        records = attack_run(RunDir(path), args.round, targets, args.attacks, progress)
+    keys = ["memorization_rougeL", "extraction_exact_rate", "mia_loss_auc", "mia_ref_auc",
+            "canary_exposure_extrapolated"]
+    table = Table(title=f"leakage after round {records[0]['round'] if records else '?'}")
+    for column in ["target", "client", *keys]:
+        table.add_column(column)
+    for rec in records:
+        figures = rec["figures"]
+        table.add_row(rec["target"], rec["client"] or "", *(f"{figures[k]:.3f}" if k in figures else "–" for k in keys))
+    console.print(table)
+    console.print(f"report: {write_report(path)}")
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from fedpit.methods import METHODS
 
@@ -140,6 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="build the federation of a config and print its summary")
     with_config(data)
     data.set_defaults(func=cmd_data)
+
+    attack = sub.add_parser("attack", help="measure leakage of a finished run (global model, uploads, private)")
+    attack.add_argument("run_dir")
+    attack.add_argument("--round", type=int, default=None, help="round to attack (default: the last checkpoint)")
+    attack.add_argument("--target", nargs="+", default=["global"], choices=["global", "uploads", "upload", "private"])
+    attack.add_argument("--attacks", nargs="+", default=None, choices=["memorization", "membership", "canary"])
+    attack.add_argument("--quiet", action="store_true")
+    attack.set_defaults(func=cmd_attack)
 
     methods = sub.add_parser("methods", help="list registered methods")
     methods.set_defaults(func=cmd_methods)

@@ -77,6 +77,7 @@ class DataConfig:
     output_field: str = "output"
     max_input_tokens: int = 256
     max_response_tokens: int = 256
+    holdout_size: int = 100
     fewshot: FewShotConfig = field(default_factory=FewShotConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
 
@@ -135,6 +136,24 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    enabled: bool = False
+    every: int = 1
+    attacks: list[str] = field(default_factory=lambda: ["memorization", "membership", "canary"])
+    targets: list[str] = field(default_factory=lambda: ["global", "uploads"])
+    num_members: int = 100
+    num_nonmembers: int = 100
+    prefix_tokens: int = 32
+    max_new_tokens: int = 64
+    canary_clients: int = 1
+    canaries_per_client: int = 1
+    canary_repeats: int = 10
+    canary_digits: int = 6
+    canary_candidates: int = 1000
+    save_uploads: bool = True
+
+
+@dataclass(frozen=True)
 class OutputConfig:
     save_synthetic: bool = True
     checkpoint_every: int = 1
@@ -153,6 +172,7 @@ class Config:
     synth: SynthConfig = field(default_factory=SynthConfig)
     method: MethodSection = field(default_factory=MethodSection)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
 
@@ -166,6 +186,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "synth.decoding": ("greedy", "sample"),
 }
 EVAL_SETS = ("medquad", "medinstruct", "pubmedqa")
+ATTACKS = ("memorization", "membership", "canary")
+ATTACK_TARGETS = ("global", "uploads", "private")
 
 
 # ---------------------------------------------------------------- building typed values
@@ -367,6 +389,19 @@ def validate(config: Config) -> None:
     for name in config.eval.sets:
         if name not in EVAL_SETS:
             raise ConfigError(f"eval.sets contains unknown set '{name}'; choose from: {', '.join(EVAL_SETS)}")
+    for key, allowed in (("privacy.attacks", ATTACKS), ("privacy.targets", ATTACK_TARGETS)):
+        for name in _get(config, key):
+            if name not in allowed:
+                raise ConfigError(f"{key} contains unknown '{name}'; choose from: {', '.join(allowed)}")
+    privacy = config.privacy
+    for key in ("num_members", "num_nonmembers", "prefix_tokens", "max_new_tokens", "canary_repeats",
+                "canary_candidates", "canaries_per_client"):
+        if getattr(privacy, key) <= 0:
+            raise ConfigError(f"config key 'privacy.{key}' must be > 0, got {getattr(privacy, key)}")
+    if not 2 <= privacy.canary_digits <= 12:
+        raise ConfigError(f"config key 'privacy.canary_digits' must be within [2, 12], got {privacy.canary_digits}")
+    if privacy.canary_clients < 0 or privacy.every < 0:
+        raise ConfigError("config keys 'privacy.canary_clients' and 'privacy.every' must be >= 0")
     partition = config.data.partition
     if config.federation.clients_per_round > partition.num_clients and partition.kind != "natural":
         raise ConfigError(

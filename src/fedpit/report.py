@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -55,6 +56,37 @@ def eval_rows(records: list[dict[str, Any]]) -> dict[str, list[dict[str, float]]
     return dict(by_set)
 
 
+LEAKAGE_KEYS = ("memorization_rougeL", "memorization_frac_above_0.5", "extraction_exact_rate",
+                "extraction_mean_prefix_tokens", "mia_loss_auc", "mia_ref_auc", "mia_ref_tpr_at_1fpr",
+                "canary_exposure_sampled", "canary_exposure_extrapolated")
+
+
+def privacy_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (round, target, source): figures averaged over clients for uploads / private."""
+    groups: dict[tuple, list[dict[str, float]]] = defaultdict(list)
+    for rec in (r for r in records if r.get("kind") == "privacy"):
+        groups[(rec["round"], rec["target"], rec.get("source", "run"))].append(rec["figures"])
+    rows = []
+    for (round_num, target, source), figures in sorted(groups.items()):
+        row: dict[str, Any] = {"round": round_num, "target": target, "source": source, "n": len(figures)}
+        for key in LEAKAGE_KEYS:
+            row[key] = _mean([f.get(key) for f in figures])
+        rows.append(row)
+    return rows
+
+
+def synthetic_overlap(run_path: Path) -> list[float]:
+    """ROUGE-L of each kept synthetic sample against its client's private examples (the paper's
+    check that self-generation does not copy private text)."""
+    values = []
+    for file in sorted((run_path / "clients").glob("*/synthetic/*.jsonl")):
+        for line in file.read_text(encoding="utf-8").splitlines():
+            sample = json.loads(line)
+            if sample.get("selected"):
+                values.append(sample["max_rouge_vs_private"])
+    return values
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         if math.isnan(value):
@@ -81,6 +113,38 @@ def _plot(path: Path, title: str, series: dict[str, tuple[list[float], list[floa
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _leakage_plots(path: Path, leakage: list[dict[str, Any]], evals: dict[str, list[dict[str, float]]]) -> list[str]:
+    files = []
+    by_target: dict[str, tuple[list[float], list[float]]] = {}
+    for row in leakage:
+        if row["source"] == "run" and not math.isnan(row["memorization_rougeL"]):
+            xs, ys = by_target.setdefault(row["target"], ([], []))
+            xs.append(row["round"])
+            ys.append(row["memorization_rougeL"])
+    if by_target:
+        _plot(path / "leakage.png", "discoverable memorisation per round", by_target, "ROUGE-L vs training answer")
+        files.append("leakage.png")
+    global_leak = {r["round"]: r["memorization_rougeL"] for r in leakage
+                   if r["target"] == "global" and r["source"] == "run"}
+    for name, rows in evals.items():
+        points = [(global_leak[r["round"]], r["nll"], r["round"]) for r in rows if r["round"] in global_leak]
+        if len(points) < 1:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o")
+        for x, y, round_num in points:
+            ax.annotate(f"r{round_num}", (x, y), textcoords="offset points", xytext=(4, 4))
+        ax.set_xlabel("leakage: memorisation ROUGE-L (global model)")
+        ax.set_ylabel(f"{name} reference NLL (lower is better)")
+        ax.set_title("utility vs leakage")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(path / f"utility_vs_leakage_{name}.png", dpi=110)
+        plt.close(fig)
+        files.append(f"utility_vs_leakage_{name}.png")
+    return files
 
 
 def write_report(run_path: Path) -> Path:
@@ -124,6 +188,29 @@ def write_report(run_path: Path) -> Path:
         phase_cols = sorted({k for r in rounds for k in r if k.startswith("s_")})
         if phase_cols:
             lines += ["### Seconds per client by phase", "", _table(rounds, ["round", *phase_cols])]
+    leakage = privacy_rows(records)
+    if leakage:
+        lines += ["## Leakage", "",
+                  "Attacks on the global model, each client's upload (the server's view, mean over clients) and the "
+                  "private adapter W_l (reference). Memorisation: ROUGE-L of greedy continuations of training prompts; "
+                  "extraction: first k response tokens reproduced exactly; MIA: loss and base-calibrated membership "
+                  "AUC; canary: exposure in bits.", "",
+                  _table(leakage, ["round", "target", "source", "n", *LEAKAGE_KEYS])]
+        plots += _leakage_plots(run.path, leakage, evals)
+    overlap = synthetic_overlap(run.path)
+    if overlap:
+        fig, ax = plt.subplots(figsize=(6, 3.4))
+        ax.hist(overlap, bins=20, range=(0, 1))
+        ax.set_xlabel("max ROUGE-L of a kept synthetic sample vs the client's private examples")
+        ax.set_ylabel("samples")
+        fig.tight_layout()
+        fig.savefig(run.path / "synthetic_overlap.png", dpi=110)
+        plt.close(fig)
+        plots.append("synthetic_overlap.png")
+        lines += ["## Synthetic data vs private data", "",
+                  f"{len(overlap)} kept synthetic samples; ROUGE-L against private examples: mean "
+                  f"{_mean(overlap):.3f}, max {max(overlap):.3f} (filter threshold {config.synth.rouge_threshold}).",
+                  ""]
     lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     report = run.path / "report.md"
     atomic_write_text(report, "\n".join(lines))

@@ -102,7 +102,23 @@ class RunDir:
     def load_checkpoint(self, round_num: int) -> AdapterState:
         return load_file(self.path / "checkpoints" / f"global-round-{round_num:03d}.safetensors")
 
+    def save_upload(self, round_num: int, client: str, tensors: AdapterState) -> None:
+        """The server's view of a client in a round, kept so it can be attacked after the fact."""
+        if tensors:
+            save_tensors(self.path / "uploads" / f"round-{round_num:03d}" / f"{client}.safetensors", tensors)
+
+    def load_uploads(self, round_num: int) -> dict[str, AdapterState]:
+        folder = self.path / "uploads" / f"round-{round_num:03d}"
+        return {f.stem: load_file(f) for f in sorted(folder.glob("*.safetensors"))}
+
     # ------------------------------------------------------------ client side
+    def save_client_audit(self, client: str, round_num: int, name: str, tensors: AdapterState) -> None:
+        save_tensors(self.client_dir(client) / "audit" / f"round-{round_num:03d}-{name}.safetensors", tensors)
+
+    def load_client_audit(self, round_num: int, name: str) -> dict[str, AdapterState]:
+        files = sorted((self.path / "clients").glob(f"*/audit/round-{round_num:03d}-{name}.safetensors"))
+        return {f.parent.parent.name: load_file(f) for f in files}
+
     def client_dir(self, client: str) -> Path:
         path = self.path / "clients" / client
         path.mkdir(parents=True, exist_ok=True, mode=0o700)

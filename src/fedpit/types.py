@@ -88,4 +88,6 @@ class ClientResult:
     state: ClientState
     synthetic: list[SyntheticSample] = field(default_factory=list)
     phase_seconds: dict[str, float] = field(default_factory=dict)
+    audit: dict[str, AdapterState] = field(default_factory=dict)
+    """Client-side adapters a local privacy auditor may attack (e.g. W_l); never uploaded."""
     details: dict[str, Any] = field(default_factory=dict)

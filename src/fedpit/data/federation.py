@@ -9,7 +9,7 @@ sets never overlap training data.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,8 @@ from fedpit.types import Example
 class Federation:
     clients: dict[str, list[Example]]
     eval_sets: dict[str, list[Example]]
+    holdout: list[Example] = field(default_factory=list)
+    """Unused examples of the training distribution: the non-members of membership inference."""
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -39,6 +41,7 @@ class Federation:
             "sizes": {c: len(e) for c, e in self.clients.items()},
             "train_examples": sum(len(e) for e in self.clients.values()),
             "eval_sets": {name: len(e) for name, e in self.eval_sets.items()},
+            "holdout": len(self.holdout),
         }
 
 
@@ -122,6 +125,11 @@ def build_federation(config: Config, tokenizer) -> Federation:
                             f"are available; lower data.fewshot.total")
         picks = random.Random(derive_seed(config.seed, "pool")).sample(range(len(train_pool)), fewshot.total)
         selected = [train_pool[i] for i in sorted(picks)]
+    used = {e.id for e in selected}
+    unused = [e for e in train_pool if e.id not in used]
+    picks = random.Random(derive_seed(config.seed, "holdout")).sample(
+        range(len(unused)), min(config.data.holdout_size, len(unused)))
+    holdout = [_fit(tokenizer, unused[i], config) for i in sorted(picks)]
     selected = [_fit(tokenizer, e, config) for e in selected]
     eval_sets = {name: [_fit(tokenizer, e, config) for e in examples] for name, examples in eval_sets.items()}
     clients = partition_examples(selected, kind=partition.kind, num_clients=partition.num_clients,
@@ -133,7 +141,7 @@ def build_federation(config: Config, tokenizer) -> Federation:
                 f"client '{client}' has {len(examples)} examples, fewer than data.partition.min_examples="
                 f"{partition.min_examples}; use fewer clients, more data (data.fewshot.total) or a lower minimum"
             )
-    return Federation(clients=clients, eval_sets=eval_sets)
+    return Federation(clients=clients, eval_sets=eval_sets, holdout=holdout)
 
 
 def check_demonstrations(federation: Federation, config: Config) -> None:

@@ -84,7 +84,7 @@ class FedPIT(Method):
             synthetic_kept=len(selected), **{f"synthetic_{k}": v for k, v in counts.items()},
         )
         return ClientResult(upload=upload, state=ctx.state, synthetic=synth.samples,
-                            phase_seconds=ctx.phase_seconds)
+                            phase_seconds=ctx.phase_seconds, audit={"private": w_l})
 
     def aggregate(self, global_adapter: AdapterState, uploads: list[ClientUpload],
                   server_state: dict[str, Any]) -> AdapterState:

@@ -22,6 +22,7 @@ from fedpit.model import ModelHandle, load_model
 from fedpit.progress import RunProgress
 from fedpit.prompts import PromptFormat, make_format
 from fedpit.runs import RunDir
+from fedpit.runtimes.audit import Auditor, plant, record
 from fedpit.runtimes.state import ClientStateStore
 from fedpit.seeding import derive_seed
 from fedpit.types import AdapterState, ClientUpload
@@ -39,6 +40,7 @@ class Experiment:
     handle: ModelHandle
     fmt: PromptFormat
     federation: Federation
+    canaries: list = field(default_factory=list)
     server_state: dict[str, Any] = field(default_factory=dict)
 
 
@@ -49,7 +51,8 @@ def prepare(config: Config, handle: ModelHandle | None = None) -> Experiment:
     federation = build_federation(config, handle.tokenizer)
     if method.uses_synthetic:
         check_demonstrations(federation, config)
-    return Experiment(config=config, method=method, handle=handle, fmt=fmt, federation=federation)
+    canaries = plant(config, federation)
+    return Experiment(config=config, method=method, handle=handle, fmt=fmt, federation=federation, canaries=canaries)
 
 
 def sample_clients(clients: list[str], per_round: int, seed: int, round_num: int) -> list[str]:
@@ -73,6 +76,21 @@ def _evaluate(exp: Experiment, run: RunDir, adapter: AdapterState, round_num: in
     return record
 
 
+def _is_attack_round(cfg: Config, round_num: int) -> bool:
+    every = cfg.privacy.every
+    return every > 0 and (round_num % every == 0 or round_num == cfg.federation.rounds)
+
+
+def _audit(exp: Experiment, run: RunDir, auditor: Auditor, adapter: AdapterState, round_num: int, target: str,
+           client: str | None, progress: RunProgress) -> None:
+    progress.phase(f"attack {target} {client or ''}".strip(), 0, 1)
+    figures = auditor.attack(adapter, client)
+    run.append_metrics(record(round_num, target, figures, client, exp.config.method.name))
+    shown = {k: round(v, 3) for k, v in figures.items() if k in ("memorization_rougeL", "mia_ref_auc",
+                                                                 "canary_exposure_extrapolated")}
+    progress.message(f"leakage round {round_num} {target} {client or ''}: {shown}")
+
+
 def run_experiment(
     exp: Experiment, run: RunDir, progress: RunProgress | None = None, observer: UploadObserver | None = None
 ) -> AdapterState:
@@ -83,6 +101,11 @@ def run_experiment(
     global_adapter = exp.handle.get_adapter()
     client_ids = sorted(exp.federation.clients)
     progress.rounds(cfg.federation.rounds)
+    auditor = None
+    if cfg.privacy.enabled:
+        auditor = Auditor.build(cfg, exp.federation, exp.handle, exp.fmt, exp.canaries, global_adapter)
+        if cfg.eval.at_start and "global" in cfg.privacy.targets:
+            _audit(exp, run, auditor, global_adapter, 0, "global", None, progress)
     if cfg.eval.at_start and cfg.eval.every > 0 and exp.federation.eval_sets:
         _evaluate(exp, run, global_adapter, 0, progress)
     for round_num in range(1, cfg.federation.rounds + 1):
@@ -94,6 +117,7 @@ def run_experiment(
         broadcast = exp.method.broadcast(exp.server_state)
         uploads: list[ClientUpload] = []
         per_client: dict[str, dict[str, Any]] = {}
+        attack_now = auditor is not None and _is_attack_round(cfg, round_num)
         for done, client in enumerate(sampled, start=1):
             ctx = ClientContext(
                 client=client, round=round_num, examples=exp.federation.clients[client],
@@ -109,6 +133,15 @@ def run_experiment(
             if observer is not None:
                 observer(round_num, upload)
             uploads.append(upload)
+            if cfg.privacy.enabled and cfg.privacy.save_uploads:
+                run.save_upload(round_num, client, upload.tensors)
+            if "private" in cfg.privacy.targets and "private" in result.audit and cfg.privacy.enabled:
+                run.save_client_audit(client, round_num, "private", result.audit["private"])
+            if attack_now:
+                if "uploads" in cfg.privacy.targets and upload.tensors:
+                    _audit(exp, run, auditor, upload.tensors, round_num, "upload", client, progress)
+                if "private" in cfg.privacy.targets and "private" in result.audit:
+                    _audit(exp, run, auditor, result.audit["private"], round_num, "private", client, progress)
             per_client[client] = {
                 **upload.metrics, "num_examples": upload.num_examples, "upload_bytes": upload.num_bytes,
                 "seconds": {k: round(v, 3) for k, v in result.phase_seconds.items()},
@@ -131,6 +164,8 @@ def run_experiment(
         progress.round_done(round_num, f"{len(sampled)} clients, mean private loss {mean_loss:.3f}, "
                                        f"{record['seconds']['round']:.0f}s")
         last = round_num == cfg.federation.rounds
+        if attack_now and "global" in cfg.privacy.targets:
+            _audit(exp, run, auditor, global_adapter, round_num, "global", None, progress)
         if cfg.eval.every > 0 and exp.federation.eval_sets and (round_num % cfg.eval.every == 0 or last):
             _evaluate(exp, run, global_adapter, round_num, progress)
     if cfg.eval.every > 0 and exp.federation.eval_sets:
