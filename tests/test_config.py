@@ -66,3 +66,22 @@ def test_shipped_configs_are_valid():
     assert files
     for file in files:
         build_method(config_mod.load(file))
+
+
+def test_per_method_tables(tmp_path):
+    from fedpit.methods import build_method
+
+    file = tmp_path / "c.toml"
+    file.write_text('[method]\nname = "fedavg"\n[method.fedpit]\nbeta = 0.2\nkeep = 3\n')
+    cfg = config_mod.load(file)
+    assert build_method(cfg).name == "fedavg"
+    fedpit = build_method(config_mod.load(file, ["method.name='fedpit'"]))
+    assert fedpit.options.beta == 0.2 and fedpit.options.keep == 3
+    # a flat key applies to the chosen method and wins over its table
+    assert build_method(config_mod.load(file, ["method.name='fedpit'", "method.beta=0.9"])).options.beta == 0.9
+    dumped = tmp_path / "dump.toml"
+    dumped.write_text(config_mod.dumps(cfg))
+    assert config_mod.load(dumped) == cfg
+    file.write_text('[method]\nname = "fedpit"\n[method.fedmagic]\nx = 1\n')
+    with pytest.raises(ConfigError, match="unknown method 'fedmagic'"):
+        build_method(config_mod.load(file))

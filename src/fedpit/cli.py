@@ -135,6 +135,63 @@ def cmd_attack(args: argparse.Namespace) -> int:
     return 0
 
 
+def _split_list(text: str, what: str) -> list[str]:
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise FedpitError(f"{what} is empty; give a comma-separated list")
+    return items
+
+
+def _batch(args: argparse.Namespace, rows: dict[str, list[str]], title: str, filename: str,
+           x_values: dict[str, float] | None = None) -> int:
+    """Run every (row, seed) job with its extra overrides, then write the comparison page."""
+    from rich.console import Console
+
+    from fedpit import config as config_mod
+    from fedpit.comparison import write_comparison
+    from fedpit.methods import build_method
+    from fedpit.progress import RunProgress
+    from fedpit.runtimes.batch import Job, run_jobs
+
+    seeds = [int(s) for s in _split_list(args.seeds, "--seeds")] if args.seeds else [None]
+    jobs, groups = [], {}
+    for label, extra in rows.items():
+        for seed in seeds:
+            overrides = [*args.set, *extra, *([f"seed={seed}"] if seed is not None else [])]
+            config = config_mod.load(args.config, overrides)
+            build_method(config)
+            job_label = f"{label}-seed{config.seed}"
+            jobs.append(Job(label=job_label, config=config))
+            groups.setdefault(label, []).append(job_label)
+    root = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-{filename.split('.')[0]}"
+    console = Console(stderr=True)
+    with RunProgress(quiet=args.quiet, console=console) as progress:
+        run_jobs(jobs, root, progress)
+    page = write_comparison(root, {label: [root / j for j in labels] for label, labels in groups.items()},
+                            title, filename, x_values)
+    console.print(f"{filename}: {page}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    methods = _split_list(args.methods, "--methods")
+    return _batch(args, {m: [f"method.name='{m}'"] for m in methods}, f"comparison: {', '.join(methods)}",
+                  "comparison.md")
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    values = _split_list(args.values, "--values")
+    rows, xs = {}, {}
+    for value in values:
+        label = f"{args.param.split('.')[-1]}={value}"
+        rows[label] = [f"{args.param}={value}"]
+        try:
+            xs[label] = float(value)
+        except ValueError:
+            xs[label] = float(len(xs))
+    return _batch(args, rows, f"sweep of {args.param}", "sweep.md", xs)
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from fedpit.methods import METHODS
 
@@ -169,6 +226,23 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="build the federation of a config and print its summary")
     with_config(data)
     data.set_defaults(func=cmd_data)
+
+    compare = sub.add_parser("compare", help="run several methods on identical clients and seeds; comparison.md")
+    with_config(compare)
+    compare.add_argument("--methods", required=True, help="comma-separated, e.g. fedpit,fedavg")
+    compare.add_argument("--seeds", default="", help="comma-separated seeds, e.g. 0,1,2 (default: the config's)")
+    compare.add_argument("--out", help="comparison folder (default: runs/<config>-comparison)")
+    compare.add_argument("--quiet", action="store_true")
+    compare.set_defaults(func=cmd_compare)
+
+    sweep = sub.add_parser("sweep", help="run one config over values of a key (e.g. method.beta); sweep.md")
+    with_config(sweep)
+    sweep.add_argument("--param", required=True, help="dotted config key, e.g. method.beta")
+    sweep.add_argument("--values", required=True, help="comma-separated values, e.g. 0,0.3,0.5,0.7,1")
+    sweep.add_argument("--seeds", default="")
+    sweep.add_argument("--out", help="sweep folder (default: runs/<config>-sweep)")
+    sweep.add_argument("--quiet", action="store_true")
+    sweep.set_defaults(func=cmd_sweep)
 
     attack = sub.add_parser("attack", help="measure leakage of a finished run (global model, uploads, private)")
     attack.add_argument("run_dir")

@@ -121,8 +121,18 @@ class SynthConfig:
 
 @dataclass(frozen=True)
 class MethodSection:
+    """`[method]`: `name`, options for the chosen method as plain keys, and per-method tables
+    (`[method.fedpit]`, `[method.fedprox]`) so one file can configure every method a comparison runs."""
+
     name: str = "fedpit"
     options: dict[str, Any] = field(default_factory=dict)
+    tables: dict[str, Any] = field(default_factory=dict)
+
+    def options_for(self, method: str) -> dict[str, Any]:
+        merged = dict(self.tables.get(method, {}))
+        if method == self.name:
+            merged.update(self.options)
+        return merged
 
 
 @dataclass(frozen=True)
@@ -296,8 +306,10 @@ def _split_method(data: dict[str, Any]) -> dict[str, Any]:
     method = dict(method)
     name = method.pop("name", MethodSection.name)
     options = method.pop("options", {})
-    options.update(method)
-    return {**data, "method": {"name": name, "options": options}}
+    tables = method.pop("tables", {})
+    for key, value in method.items():
+        (tables if isinstance(value, dict) else options)[key] = value
+    return {**data, "method": {"name": name, "options": options, "tables": tables}}
 
 
 def from_dict(data: dict[str, Any]) -> Config:
@@ -322,7 +334,7 @@ def load(path: str | Path | None, overrides: list[str] | None = None) -> Config:
 def to_dict(config: Config) -> dict[str, Any]:
     data = dataclasses.asdict(config)
     method = data.pop("method")
-    data["method"] = {"name": method["name"], **method["options"]}
+    data["method"] = {"name": method["name"], **method["options"], **method["tables"]}
     return data
 
 

@@ -116,6 +116,8 @@ class ModelHandle:
     tokenizer: object
     device: torch.device
     lora_params: dict[str, torch.nn.Parameter]
+    model_config: ModelConfig | None = None
+    lora_config: LoraConfig | None = None
 
     def get_adapter(self) -> AdapterState:
         return {k: p.detach().to("cpu", torch.float32, copy=True) for k, p in self.lora_params.items()}
@@ -128,6 +130,22 @@ class ModelHandle:
         with torch.no_grad():
             for key, param in self.lora_params.items():
                 param.copy_(state[key])
+
+    def fresh_adapter(self, seed: int) -> AdapterState:
+        """A newly initialised adapter (A random, B zero: the model equals the base), drawn from
+        `seed`, so a run's start does not depend on what the slot held before (a reused handle)."""
+        from peft.tuners.lora import LoraLayer
+
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for module in self.model.modules():
+                if isinstance(module, LoraLayer) and ADAPTER_NAME in module.lora_A:
+                    module.reset_lora_parameters(ADAPTER_NAME, True)
+        return self.get_adapter()
+
+    def compatible(self, model_config: ModelConfig, lora_config: LoraConfig) -> bool:
+        """Whether this handle can serve a run with these settings (so a comparison loads once)."""
+        return (self.model_config, self.lora_config) == (model_config, lora_config)
 
     def save_adapter(self, state: AdapterState, directory: Path) -> None:
         """Write `state` in PEFT format, loadable with `PeftModel.from_pretrained(base, directory)`."""
@@ -176,4 +194,5 @@ def load_model(model_config: ModelConfig, lora_config: LoraConfig, seed: int = 0
     )
     model = get_peft_model(base, peft_config, adapter_name=ADAPTER_NAME).to(device)
     lora_params = {_strip_adapter_name(n): p for n, p in model.named_parameters() if p.requires_grad}
-    return ModelHandle(model=model, tokenizer=tokenizer, device=device, lora_params=lora_params)
+    return ModelHandle(model=model, tokenizer=tokenizer, device=device, lora_params=lora_params,
+                       model_config=model_config, lora_config=lora_config)

@@ -48,7 +48,7 @@ def test_upload_is_exact_mix_of_private_and_synthetic(experiment, monkeypatch):
     assert all(torch.equal(result.upload.tensors[k], expected[k]) for k in expected)
     assert not all(torch.equal(result.upload.tensors[k], trained["private"][k]) for k in expected)
     kept = [s for s in result.synthetic if s.selected]
-    assert len(kept) == min(config.method.options["keep"], len(result.synthetic))
+    assert len(kept) == min(config.method.options_for("fedpit")["keep"], len(result.synthetic))
     assert all(s.ifs is not None for s in result.synthetic)
     assert max(s.ifs for s in kept) <= min((s.ifs for s in result.synthetic if not s.selected), default=float("inf"))
 

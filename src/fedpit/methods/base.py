@@ -123,9 +123,12 @@ METHODS: Registry[type[Method]] = Registry("method")
 
 
 def build_method(config: Config) -> Method:
-    """Look up `method.name` and check `method.*` options against that method's Options."""
+    """Look up `method.name` and check its options (`method.*` and `[method.<name>]`) against that
+    method's Options. Tables for other methods are checked to name registered methods."""
+    for table in config.method.tables:
+        METHODS.get(table)
     cls = METHODS.get(config.method.name)
-    options = build_dataclass(cls.Options, config.method.options, "method")
+    options = build_dataclass(cls.Options, config.method.options_for(config.method.name), "method")
     check = getattr(options, "validate", None)
     if check is not None:
         check()

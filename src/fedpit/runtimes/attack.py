@@ -29,7 +29,7 @@ def attack_run(run: RunDir, round_num: int | None, targets: list[str], attacks: 
     config = config_mod.replace(stored, **changes)
     round_num = last_checkpoint_round(run) if round_num is None else round_num
     exp = prepare(config)
-    base = exp.handle.get_adapter()  # LoRA B starts at zero: the initial adapter is the base model
+    base = exp.handle.fresh_adapter(0)  # LoRA B starts at zero: a fresh adapter is the base model
     auditor = Auditor.build(config, exp.federation, exp.handle, exp.fmt, exp.canaries, base)
     jobs: list[tuple[str, str | None, AdapterState]] = []
     if "global" in targets:

@@ -46,7 +46,8 @@ class Experiment:
 
 def prepare(config: Config, handle: ModelHandle | None = None) -> Experiment:
     method = build_method(config)
-    handle = handle or load_model(config.model, config.lora, seed=config.seed)
+    if handle is None or not handle.compatible(config.model, config.lora):
+        handle = load_model(config.model, config.lora, seed=config.seed)
     fmt = make_format(config.prompt.template, handle.tokenizer)
     federation = build_federation(config, handle.tokenizer)
     if method.uses_synthetic:
@@ -98,7 +99,7 @@ def run_experiment(
     cfg = exp.config
     progress = progress or RunProgress(quiet=True)
     store = ClientStateStore(run.path / "clients")
-    global_adapter = exp.handle.get_adapter()
+    global_adapter = exp.handle.fresh_adapter(derive_seed(cfg.seed, "lora-init"))
     client_ids = sorted(exp.federation.clients)
     progress.rounds(cfg.federation.rounds)
     auditor = None
