@@ -196,8 +196,9 @@ def cmd_methods(args: argparse.Namespace) -> int:
     from fedpit.methods import METHODS
 
     for name in METHODS.names():
-        doc = (METHODS.get(name).__module__ and sys.modules[METHODS.get(name).__module__].__doc__ or "").strip()
-        print(f"{name:12s} {doc.splitlines()[0] if doc else ''}")
+        doc = sys.modules[METHODS.get(name).__module__].__doc__ or ""
+        first = " ".join(doc.strip().split("\n\n")[0].split())
+        print(f"{name:12s} {first[:110]}")
     return 0
 
 

@@ -102,6 +102,8 @@ class Method(ABC):
     name: ClassVar[str]
     Options: ClassVar[type]
     uses_synthetic: ClassVar[bool] = False
+    pools_clients: ClassVar[bool] = False
+    """True for Centralized: the runtime gives the method one client holding every example."""
 
     def __init__(self, options: Any, config: Config) -> None:
         self.options = options

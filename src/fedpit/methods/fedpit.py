@@ -16,6 +16,7 @@ from typing import Any
 from fedpit.errors import ConfigError
 from fedpit.methods.aggregation import mix, weighted_average
 from fedpit.methods.base import METHODS, ClientContext, Method
+from fedpit.methods.selection import select_by_ifs
 from fedpit.types import AdapterState, ClientResult, ClientUpload
 
 log = logging.getLogger(__name__)
@@ -48,21 +49,12 @@ class FedPIT(Method):
     def client_update(self, ctx: ClientContext, global_adapter: AdapterState) -> ClientResult:
         opts: FedPITOptions = self.options
         synth = ctx.self_generate(global_adapter)
-        candidates = [s.as_example(i) for i, s in enumerate(synth.samples)]
 
         private_start = ctx.state.tensors.get("private", global_adapter) if opts.persistent_private else global_adapter
         w_l, private_run = ctx.train(private_start, ctx.examples, "private")
 
-        selected = []
-        if candidates:
-            scores = ctx.ifs(w_l, candidates)
-            for sample, score in zip(synth.samples, scores):
-                sample.ifs = round(score, 6)
-            ranked = sorted(range(len(candidates)), key=lambda i: scores[i])[: opts.keep]
-            for i in ranked:
-                synth.samples[i].selected = True
-            selected = [candidates[i] for i in ranked]
-        else:
+        selected = select_by_ifs(ctx, w_l, synth, opts.keep)
+        if not selected:
             log.warning("client %s round %d: no synthetic sample passed the filters; W_s stays W_g",
                         ctx.client, ctx.round)
 

@@ -50,9 +50,11 @@ def prepare(config: Config, handle: ModelHandle | None = None) -> Experiment:
         handle = load_model(config.model, config.lora, seed=config.seed)
     fmt = make_format(config.prompt.template, handle.tokenizer)
     federation = build_federation(config, handle.tokenizer)
+    canaries = plant(config, federation)
+    if method.pools_clients:
+        federation.clients = {"pooled": [e for c in sorted(federation.clients) for e in federation.clients[c]]}
     if method.uses_synthetic:
         check_demonstrations(federation, config)
-    canaries = plant(config, federation)
     return Experiment(config=config, method=method, handle=handle, fmt=fmt, federation=federation, canaries=canaries)
 
 
@@ -101,6 +103,7 @@ def run_experiment(
     store = ClientStateStore(run.path / "clients")
     global_adapter = exp.handle.fresh_adapter(derive_seed(cfg.seed, "lora-init"))
     client_ids = sorted(exp.federation.clients)
+    exp.server_state.setdefault("num_clients", len(client_ids))
     progress.rounds(cfg.federation.rounds)
     auditor = None
     if cfg.privacy.enabled:
