@@ -32,3 +32,6 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+bench: setup
+	$(BIN)/python benchmarks/bench.py

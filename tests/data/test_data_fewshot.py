@@ -12,7 +12,7 @@ from fedpit.data import embed_texts, fewshot, select_fewshot
 from fedpit.errors import DataError
 from fedpit.types import Example
 
-POOL = 300  # MiniLM embeds this many short questions in well under a second on 2 cores
+POOL = 200  # MiniLM embeds this many short questions in about a second on 2 idle cores
 
 
 def ids(examples: list[Example]) -> list[str]:
@@ -49,12 +49,17 @@ def test_minilm_falls_back_to_tfidf_with_a_warning(monkeypatch: pytest.MonkeyPat
     np.testing.assert_array_equal(vectors, embed_texts(texts, embedder="tfidf"))
 
 
-def test_selection_is_deterministic_and_seeded(medquad: list[Example]) -> None:
+def test_minilm_selection_is_deterministic(medquad: list[Example]) -> None:
     first = select_fewshot(medquad, total=40, num_clusters=10, seed=3, embedder="minilm", pool_size=POOL)
     again = select_fewshot(medquad, total=40, num_clusters=10, seed=3, embedder="minilm", pool_size=POOL)
-    other = select_fewshot(medquad, total=40, num_clusters=10, seed=4, embedder="minilm", pool_size=POOL)
     assert ids(first) == ids(again)
     assert [e.meta["cluster"] for e in first] == [e.meta["cluster"] for e in again]
+
+
+def test_selection_depends_on_the_seed(medquad: list[Example]) -> None:
+    # TF-IDF keeps this cheap; the seed drives the pool, k-means and the within-cluster order alike.
+    first = select_fewshot(medquad, total=40, num_clusters=10, seed=3, embedder="tfidf", pool_size=POOL)
+    other = select_fewshot(medquad, total=40, num_clusters=10, seed=4, embedder="tfidf", pool_size=POOL)
     assert ids(first) != ids(other)
 
 

@@ -13,8 +13,9 @@ from fedpit.runtimes.local import prepare, run_experiment
 
 @pytest.mark.parametrize("name", METHODS.names())
 def test_method_runs_one_round(name, tmp_path, tiny_overrides):
+    # Centralized would train its 10 epochs in this single round; one is enough for the invariants.
     config = config_mod.load(None, [*tiny_overrides, f"method.name='{name}'", "federation.rounds=1",
-                                    "model.threads=1"])
+                                    "model.threads=1", "method.centralized.epochs=1"])
     exp = prepare(config)
     keys = set(exp.handle.lora_params)
     uploads = []

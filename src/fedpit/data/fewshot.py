@@ -48,6 +48,19 @@ def _load_minilm() -> Any:
     return _minilm_model
 
 
+def _single_threaded() -> Any:
+    """BLAS/OpenMP limited to one thread for the small SVD and k-means problems here.
+
+    With torch's OpenMP pool already spinning (after MiniLM) or another job on the machine, a
+    second multi-threaded pool made these steps 10-100x slower on a 2-core box; one thread
+    solves a few-thousand-row problem in about a second anyway, and a fixed thread count keeps
+    the floating-point sums, hence the clusters, the same on machines with more cores.
+    """
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1)
+
+
 def _embed_tfidf(texts: list[str]) -> np.ndarray:
     """A dependency-light fallback: TF-IDF reduced by SVD so k-means sees dense, comparable vectors."""
     from sklearn.decomposition import TruncatedSVD
@@ -61,7 +74,8 @@ def _embed_tfidf(texts: list[str]) -> np.ndarray:
         ) from None
     dims = min(TFIDF_DIMS, matrix.shape[1] - 1, matrix.shape[0] - 1)
     if dims >= 2:
-        dense = TruncatedSVD(n_components=dims, random_state=0).fit_transform(matrix)
+        with _single_threaded():
+            dense = TruncatedSVD(n_components=dims, random_state=0).fit_transform(matrix)
     else:
         dense = matrix.toarray()
     return _l2_normalise(dense.astype(np.float32))
@@ -102,7 +116,8 @@ def _cluster(vectors: np.ndarray, num_clusters: int, seed: int) -> np.ndarray:
         return np.zeros(len(vectors), dtype=np.int64)
     from sklearn.cluster import KMeans
 
-    return KMeans(n_clusters=num_clusters, n_init=3, random_state=seed).fit_predict(vectors)
+    with _single_threaded():
+        return KMeans(n_clusters=num_clusters, n_init=3, random_state=seed).fit_predict(vectors)
 
 
 def _round_robin(labels: np.ndarray, num_clusters: int, total: int, rng: np.random.Generator) -> list[int]:

@@ -1,0 +1,238 @@
+"""`make bench`: speed and memory of fedpit's engines, each against a baseline measured in the same
+run (interleaved, repeated; median and spread), on the embedded SmolLM2 and real MedQuAD data.
+
+    python benchmarks/bench.py [--quick] [--out benchmarks/results.json]
+
+Sections: generation (our decode loop vs one-prompt-at-a-time and batched `model.generate`),
+training (our loop vs a plain PyTorch + peft loop), round cost (FedPIT client round / FedAvg client
+round, by phase), memory (peak RSS of a 10-client run / a 2-client run), upload bytes (fp32 vs bf16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from fedpit import config as config_mod
+from fedpit.engines.encoding import collate, encode_pair
+from fedpit.engines.generation import DecodingOptions, generate
+from fedpit.engines.training import TrainOptions, train_adapter
+from fedpit.methods import ClientContext, build_method
+from fedpit.model import load_model
+from fedpit.runtimes.local import prepare
+from fedpit.types import ClientState
+
+REPO = Path(__file__).resolve().parents[1]
+BASE = ["data.fewshot.total=48", "data.fewshot.num_clusters=8", "data.fewshot.pool_size=800",
+        "data.partition.kind='iid'", "data.partition.num_clients=2", "data.partition.min_examples=4",
+        "eval.sets=['medquad']", "eval.num_examples=16", "model.max_length=384", "data.max_response_tokens=96"]
+
+
+def timed(fn):
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def median_spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def count_tokens(tokenizer, texts: list[str]) -> int:
+    return sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+
+
+def bench_generation(exp, repeats: int, num_prompts: int) -> dict:
+    """The self-generation response workload: ~300-token prompts with demonstrations, 128 new tokens."""
+    handle, fmt = exp.handle, exp.fmt
+    examples = [e for c in exp.federation.clients.values() for e in c]
+    prompts = []
+    for i in range(num_prompts):
+        demos = [examples[(i + k) % len(examples)] for k in range(2)]
+        prompts.append(fmt.render_with_demos(demos, examples[(i + 5) % len(examples)].instruction))
+    prompt_tokens = statistics.mean(len(handle.tokenizer(p)["input_ids"]) for p in prompts)
+    stops = tuple(fmt.stop_strings)
+    variants = {
+        "fedpit_batched": lambda: generate(handle, prompts, DecodingOptions(max_new_tokens=128, stop_strings=stops,
+                                                                            repetition_penalty=1.2), batch_size=32),
+        "hf_batched": lambda: generate(handle, prompts, DecodingOptions(max_new_tokens=128, stop_strings=stops,
+                                                                        repetition_penalty=1.2, backend="hf"),
+                                       batch_size=32),
+        "hf_one_at_a_time": lambda: generate(handle, prompts, DecodingOptions(max_new_tokens=128, stop_strings=stops,
+                                                                              repetition_penalty=1.2, backend="hf"),
+                                             batch_size=1),
+    }
+    rates: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():  # interleaved so machine noise hits every variant alike
+            seconds, outputs = timed(fn)
+            rates[name].append(count_tokens(handle.tokenizer, outputs) / seconds)
+    # prefill vs decode: one forward over the whole batch of prompts, against the full generation
+    batch = handle.tokenizer.pad({"input_ids": [handle.tokenizer(p)["input_ids"] for p in prompts]},
+                                 return_tensors="pt")
+    with torch.inference_mode():
+        prefill, _ = timed(lambda: handle.model(**batch, logits_to_keep=1))
+    total, _ = timed(variants["fedpit_batched"])
+    base = statistics.median(rates["hf_one_at_a_time"])
+    return {
+        "prompt_tokens_mean": prompt_tokens, "prompts": num_prompts,
+        "tokens_per_s": {k: median_spread(v) for k, v in rates.items()},
+        "speedup_vs_one_at_a_time": {k: statistics.median(v) / base for k, v in rates.items()},
+        "prefill_seconds": prefill, "total_seconds": total, "prefill_share": prefill / total,
+    }
+
+
+def bench_training(exp, repeats: int, dtype_name: str) -> dict:
+    cfg = config_mod.replace(exp.config, **{"model.dtype": dtype_name})
+    handle = load_model(cfg.model, cfg.lora, seed=0)
+    examples = [e for c in exp.federation.clients.values() for e in c][:32]
+    options = TrainOptions(batch_size=8, learning_rate=1e-4, epochs=1, max_length=cfg.model.max_length)
+    encoded = [encode_pair(handle.tokenizer, exp.fmt.render(e.instruction), e.output, options.max_length)
+               for e in examples]
+    tokens = sum(len(p.input_ids) for p in encoded)
+    start = handle.fresh_adapter(0)
+
+    def ours():
+        handle.set_adapter(start)
+        train_adapter(handle, exp.fmt, examples, options, seed=0)
+
+    def plain():
+        handle.set_adapter(start)
+        params = [p for p in handle.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-4)
+        handle.model.train()
+        for first in range(0, len(encoded), 8):
+            batch = collate(encoded[first : first + 8], handle.tokenizer.pad_token_id, handle.device)
+            handle.model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+    rates: dict[str, list[float]] = {"fedpit": [], "plain_peft_loop": []}
+    for _ in range(repeats):
+        rates["fedpit"].append(tokens / timed(ours)[0])
+        rates["plain_peft_loop"].append(tokens / timed(plain)[0])
+    return {"tokens_per_s": {k: median_spread(v) for k, v in rates.items()},
+            "ratio": statistics.median(rates["fedpit"]) / statistics.median(rates["plain_peft_loop"])}
+
+
+def bench_round(exp) -> dict:
+    client = sorted(exp.federation.clients)[0]
+    results = {}
+    for name in ("fedavg", "fedpit"):
+        cfg = config_mod.replace(exp.config, **{"method.name": name})
+        method = build_method(cfg)
+        ctx = ClientContext(client=client, round=1, examples=exp.federation.clients[client], state=ClientState(),
+                            handle=exp.handle, fmt=exp.fmt, config=cfg, learning_rate=1e-4, seed=0)
+        seconds, result = timed(lambda m=method, c=ctx: m.client_update(c, exp.handle.fresh_adapter(0)))
+        results[name] = {"seconds": seconds, "phases": result.phase_seconds, "upload": result.upload}
+    fp32 = results["fedpit"]["upload"].num_bytes
+    bf16 = sum(t.numel() * 2 for t in results["fedpit"]["upload"].tensors.values())
+    return {
+        "fedpit_seconds": results["fedpit"]["seconds"], "fedavg_seconds": results["fedavg"]["seconds"],
+        "ratio": results["fedpit"]["seconds"] / results["fedavg"]["seconds"],
+        "fedpit_phases": results["fedpit"]["phases"], "fedavg_phases": results["fedavg"]["phases"],
+        "upload_bytes": {"fp32": fp32, "bf16": bf16},
+    }
+
+
+def bench_eval(exp) -> dict:
+    from fedpit.evaluation import EvalOptions, evaluate_set
+
+    examples = exp.federation.eval_sets["medquad"]
+    seconds, (metrics, answers) = timed(lambda: evaluate_set(exp.handle, exp.fmt, examples,
+                                                             EvalOptions(max_new_tokens=64, batch_size=16)))
+    return {"examples": len(examples), "seconds": seconds,
+            "generated_tokens_per_s": count_tokens(exp.handle.tokenizer, answers) / seconds}
+
+
+def peak_rss_of_run(clients: int) -> float:
+    """Peak RSS (MiB) of a whole `fedpit run` in a fresh process with `clients` clients."""
+    code = (
+        "import resource, sys; from fedpit.cli import main; "
+        f"main(['run', 'configs/demo.toml', '--quiet', '--out', sys.argv[1], "
+        f"'--set', 'data.partition.num_clients={clients}', '--set', 'data.partition.kind=\"iid\"', "
+        "'--set', 'data.fewshot.total=60', '--set', 'data.partition.min_examples=4', "
+        "'--set', 'federation.rounds=1', '--set', 'eval.every=0', '--set', 'method.name=\"fedavg\"']); "
+        "print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+    out = Path(os.environ.get("TMPDIR", "/tmp")) / f"fedpit-bench-mem-{clients}-{os.getpid()}"
+    proc = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, cwd=REPO,
+                          check=True)
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("RSS"))
+    return int(line.split()[1]) / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and prompts (a rough check)")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results.json"))
+    args = parser.parse_args()
+    repeats, prompts = (1, 8) if args.quick else (3, 32)
+    torch.manual_seed(0)
+    exp = prepare(config_mod.load(REPO / "configs" / "demo.toml", BASE))
+    results = {"machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                           "python": platform.python_version(), "torch": torch.__version__},
+               "quick": args.quick}
+    print("generation ...", flush=True)
+    results["generation"] = bench_generation(exp, repeats, prompts)
+    print("training ...", flush=True)
+    results["training"] = {dtype: bench_training(exp, repeats, dtype) for dtype in ("bf16", "fp32")}
+    print("round cost ...", flush=True)
+    results["round"] = bench_round(exp)
+    print("evaluation ...", flush=True)
+    results["evaluation"] = bench_eval(exp)
+    print("memory ...", flush=True)
+    two, ten = peak_rss_of_run(2), peak_rss_of_run(10)
+    results["memory"] = {"peak_rss_mib_2_clients": two, "peak_rss_mib_10_clients": ten, "ratio": ten / two}
+    results["self_peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    Path(args.out).write_text(json.dumps(results, indent=2, default=str))
+    print_table(results)
+    print(f"results: {args.out}")
+
+
+def print_table(r: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    g, t, rd, m = r["generation"], r["training"], r["round"], r["memory"]
+    table = Table(title="fedpit benchmarks (ratios are against a baseline measured in the same run)")
+    for column in ("measure", "value", "baseline", "ratio", "target"):
+        table.add_column(column)
+    gen = g["tokens_per_s"]
+    table.add_row("generation new tokens/s (batched, ours)", f"{gen['fedpit_batched']['median']:.1f}",
+                  f"{gen['hf_one_at_a_time']['median']:.1f} one at a time",
+                  f"{g['speedup_vs_one_at_a_time']['fedpit_batched']:.2f}x", ">= 6x")
+    table.add_row("generation new tokens/s (batched HF generate)", f"{gen['hf_batched']['median']:.1f}",
+                  f"{gen['hf_one_at_a_time']['median']:.1f} one at a time",
+                  f"{g['speedup_vs_one_at_a_time']['hf_batched']:.2f}x", "reference")
+    table.add_row("generation prefill share", f"{g['prefill_share']:.1%}", "", "", "")
+    for dtype, res in t.items():
+        table.add_row(f"training tokens/s ({dtype})", f"{res['tokens_per_s']['fedpit']['median']:.0f}",
+                      f"{res['tokens_per_s']['plain_peft_loop']['median']:.0f} plain peft loop",
+                      f"{res['ratio']:.2f}x", ">= 1.0x")
+    table.add_row("client round seconds FedPIT / FedAvg", f"{rd['fedpit_seconds']:.1f}", f"{rd['fedavg_seconds']:.1f}",
+                  f"{rd['ratio']:.2f}x", "<= 2.5x")
+    table.add_row("peak RSS MiB 10 clients / 2 clients", f"{m['peak_rss_mib_10_clients']:.0f}",
+                  f"{m['peak_rss_mib_2_clients']:.0f}", f"{m['ratio']:.2f}x", "<= 1.15x")
+    up = rd["upload_bytes"]
+    table.add_row("upload bytes per client per round", f"{up['bf16'] / 1e6:.1f} MB bf16",
+                  f"{up['fp32'] / 1e6:.1f} MB fp32",
+                  f"{up['bf16'] / up['fp32']:.2f}x", "")
+    table.add_row("evaluation generated tokens/s", f"{r['evaluation']['generated_tokens_per_s']:.1f}", "", "", "")
+    Console().print(table)
+    phases = ", ".join(f"{k} {v:.1f}s" for k, v in rd["fedpit_phases"].items())
+    Console().print(f"FedPIT client round by phase: {phases}")
+
+
+if __name__ == "__main__":
+    main()
