@@ -39,3 +39,18 @@ def test_attack_without_uploads_is_a_clear_error(tmp_path, tiny_overrides, capsy
     assert main(["run", "configs/demo.toml", *sets, "--quiet", "--out", str(out)]) == 0
     assert main(["attack", str(out), "--target", "uploads", "--quiet"]) == 2
     assert "kept no uploads" in capsys.readouterr().err
+
+
+def test_canaries_are_planted_in_chosen_clients_only(tiny_overrides, data_dir):
+    from fedpit import config as config_mod
+    from fedpit.runtimes.local import prepare
+
+    overrides = [o for o in tiny_overrides if not o.startswith("eval.sets")]
+    config = config_mod.load(None, [*overrides, *PRIVACY, "privacy.canary_clients=2", "privacy.canary_repeats=5",
+                                    "eval.sets=['medinstruct']", "eval.num_examples=3", f"data.dir='{data_dir}'"])
+    exp = prepare(config)
+    planted = {c: [e for e in examples if e.meta.get("canary")] for c, examples in exp.federation.clients.items()}
+    assert [len(v) for _, v in sorted(planted.items())] == [5, 5, 0]
+    assert {c.client for c in exp.canaries} == {"client-00", "client-01"}
+    elsewhere = [e for s in exp.federation.eval_sets.values() for e in s] + exp.federation.holdout
+    assert not any(e.meta.get("canary") or "patient number" in e.instruction for e in elsewhere)
