@@ -42,15 +42,20 @@ def encode_pair(tokenizer, context: str | None, target: str, max_length: int) ->
     return EncodedPair(input_ids=context_ids + target_ids, num_context=len(context_ids))
 
 
-def collate(pairs: list[EncodedPair], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest pair in this batch only (never to a global maximum)."""
+def collate(pairs: list[EncodedPair], pad_id: int, device: torch.device, left: bool = False) -> dict[str, torch.Tensor]:
+    """Pad to the longest pair in this batch only (never to a global maximum). Right padding for
+    training; left padding puts every target at the end of its row, so scoring needs the logits of
+    the last few positions only. `position_ids` count real tokens, so both give the same values."""
     width = max(len(p.input_ids) for p in pairs)
     ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
     labels = torch.full((len(pairs), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(pairs), width), dtype=torch.long)
     for row, pair in enumerate(pairs):
         n = len(pair.input_ids)
-        ids[row, :n] = torch.tensor(pair.input_ids)
-        labels[row, :n] = torch.tensor(pair.labels)
-        mask[row, :n] = 1
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+        span = slice(width - n, width) if left else slice(0, n)
+        ids[row, span] = torch.tensor(pair.input_ids)
+        labels[row, span] = torch.tensor(pair.labels)
+        mask[row, span] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": positions.to(device),
+            "labels": labels.to(device)}

@@ -9,27 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from fedpit.engines.encoding import IGNORE_INDEX, EncodedPair, encode_pair
+from fedpit.engines.encoding import IGNORE_INDEX, EncodedPair, collate, encode_pair
 from fedpit.model import ModelHandle
 from fedpit.prompts import PromptFormat
 from fedpit.types import Example
-
-
-def _left_padded(pairs: list[EncodedPair], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Left padding puts every target at the end of its row, so only the last few positions'
-    logits are needed (a 49k-word vocabulary makes full logits the biggest tensor by far)."""
-    width = max(len(p.input_ids) for p in pairs)
-    ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(pairs), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(pairs), width), dtype=torch.long)
-    for row, pair in enumerate(pairs):
-        n = len(pair.input_ids)
-        ids[row, width - n :] = torch.tensor(pair.input_ids)
-        labels[row, width - n :] = torch.tensor(pair.labels)
-        mask[row, width - n :] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": positions.to(device),
-            "labels": labels.to(device)}
 
 
 @torch.inference_mode()
@@ -40,7 +23,7 @@ def target_losses(handle: ModelHandle, pairs: list[EncodedPair], batch_size: int
     results = [0.0] * len(pairs)
     for first in range(0, len(order), batch_size):
         rows = order[first : first + batch_size]
-        batch = _left_padded([pairs[i] for i in rows], handle.tokenizer.pad_token_id, handle.device)
+        batch = collate([pairs[i] for i in rows], handle.tokenizer.pad_token_id, handle.device, left=True)
         keep = 1 + max(len(pairs[i].input_ids) - pairs[i].num_context for i in rows)
         labels = batch.pop("labels")[:, -keep + 1 :]
         logits = handle.model(**batch, logits_to_keep=keep).logits[:, :-1]

@@ -96,6 +96,14 @@ class ClientContext:
                             metrics={k: float(v) for k, v in metrics.items()})
 
 
+def train_private(ctx: ClientContext, global_adapter: AdapterState, extra_loss=None) -> ClientResult:
+    """The FedAvg client rule (train from the global adapter on private data, upload the result),
+    shared by FedAvg, FedProx and the FedOPT family, which differ only on the server or in a loss term."""
+    local, result = ctx.train(global_adapter, ctx.examples, "private", extra_loss=extra_loss)
+    upload = ctx.upload(local, train_loss_private=result.mean_loss)
+    return ClientResult(upload=upload, state=ctx.state, phase_seconds=ctx.phase_seconds)
+
+
 class Method(ABC):
     """A registered federated method. Subclasses set `name` and `Options` and register themselves."""
 

@@ -16,7 +16,7 @@ import torch
 
 from fedpit.errors import ConfigError
 from fedpit.methods.aggregation import weighted_average
-from fedpit.methods.base import METHODS, ClientContext, Method
+from fedpit.methods.base import METHODS, ClientContext, Method, train_private
 from fedpit.types import AdapterState, ClientResult, ClientUpload
 
 
@@ -75,9 +75,7 @@ class FedOpt(Method):
     rule: ClassVar[Rule]
 
     def client_update(self, ctx: ClientContext, global_adapter: AdapterState) -> ClientResult:
-        local, result = ctx.train(global_adapter, ctx.examples, "private")
-        upload = ctx.upload(local, train_loss_private=result.mean_loss)
-        return ClientResult(upload=upload, state=ctx.state, phase_seconds=ctx.phase_seconds)
+        return train_private(ctx, global_adapter)
 
     def aggregate(self, global_adapter: AdapterState, uploads: list[ClientUpload],
                   server_state: dict[str, Any]) -> AdapterState:

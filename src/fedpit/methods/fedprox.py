@@ -13,7 +13,7 @@ import torch
 
 from fedpit.errors import ConfigError
 from fedpit.methods.aggregation import weighted_average
-from fedpit.methods.base import METHODS, ClientContext, Method
+from fedpit.methods.base import METHODS, ClientContext, Method, train_private
 from fedpit.types import AdapterState, ClientResult, ClientUpload
 
 
@@ -41,10 +41,7 @@ class FedProx(Method):
 
     def client_update(self, ctx: ClientContext, global_adapter: AdapterState) -> ClientResult:
         anchor = {k: v.to(ctx.handle.device) for k, v in global_adapter.items()}
-        local, result = ctx.train(global_adapter, ctx.examples, "private",
-                                  extra_loss=proximal_term(anchor, self.options.mu))
-        upload = ctx.upload(local, train_loss_private=result.mean_loss)
-        return ClientResult(upload=upload, state=ctx.state, phase_seconds=ctx.phase_seconds)
+        return train_private(ctx, global_adapter, extra_loss=proximal_term(anchor, self.options.mu))
 
     def aggregate(self, global_adapter: AdapterState, uploads: list[ClientUpload],
                   server_state: dict[str, Any]) -> AdapterState:
