@@ -44,17 +44,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedpit.progress import RunProgress
     from fedpit.report import eval_rows, write_report
     from fedpit.runs import RunDir, default_run_dir
-    from fedpit.runtimes.local import prepare, run_experiment
+    from fedpit.runtimes.local import open_run, prepare, run_experiment
 
-    config = _load_config(args)
     console = Console(stderr=True)
+    if args.resume:
+        if args.config or args.set or args.out:
+            raise FedpitError("--resume takes the config and directory from the run; drop CONFIG, --set and --out")
+        path = Path(args.resume)
+        if not (path / "config.toml").is_file():
+            raise FedpitError(f"'{path}' is not a run directory (no config.toml); pass the folder `fedpit run` made")
+        if RunDir(path).read_status().get("status") == "complete":
+            console.print(f"run '{path}' is already complete; nothing to resume")
+            return 0
+        config = _checked(RunDir(path).config)
+    elif not args.config:
+        raise FedpitError("give a CONFIG file (e.g. configs/demo.toml) or --resume RUN_DIR")
+    else:
+        config = _load_config(args)
     console.print(f"preparing: model {config.model.name}, data {config.data.source}")
     exp = prepare(config)
     sizes = {c: len(e) for c, e in exp.federation.clients.items()}
     console.print(f"federation: {len(sizes)} clients, sizes {sizes}; eval sets "
                 f"{ {k: len(v) for k, v in exp.federation.eval_sets.items()} }")
-    run = RunDir.create(Path(args.out) if args.out else default_run_dir(config), config)
-    run.write_status("running", federation=exp.federation.summary())
+    target = Path(args.resume) if args.resume else Path(args.out) if args.out else default_run_dir(config)
+    run = open_run(exp, target, resume=bool(args.resume))
     start = time.perf_counter()
     try:
         with RunProgress(quiet=args.quiet, console=console) as progress:
@@ -80,6 +93,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     console.print(f"run directory: {run.path}\nreport: {report}\n"
                   f"took {time.perf_counter() - start:.0f}s")
     return 0
+
+
+def _checked(load):
+    """A stored config that the current code can no longer read refuses to resume, with the reason."""
+    from fedpit.methods import build_method
+
+    try:
+        config = load()
+        build_method(config)
+    except FedpitError as exc:
+        raise FedpitError(f"cannot resume: the run's config does not match this version of fedpit ({exc})") from None
+    return config
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -215,8 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a config key, e.g. --set federation.rounds=3 (repeatable)")
 
     run = sub.add_parser("run", help="run an experiment and write a run directory")
-    with_config(run)
+    run.add_argument("config", nargs="?", help="TOML config file, e.g. configs/demo.toml")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config key, e.g. --set federation.rounds=3 (repeatable)")
     run.add_argument("--out", help="run directory (default: runs/<name>-<method>-<time>)")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped or killed run from its last checkpoint")
     run.add_argument("--quiet", action="store_true", help="log lines only, no progress bars")
     run.set_defaults(func=cmd_run)
 

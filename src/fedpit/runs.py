@@ -4,20 +4,23 @@ Layout:
     config.toml            the resolved configuration
     run.json               status (running / complete / failed), timings, federation summary
     metrics.jsonl          one JSON object per round ("kind": "round") and per evaluation ("kind": "eval")
-    checkpoints/           global adapter after each round (safetensors)
+    checkpoints/           per committed round: global adapter, server state (safetensors) and a
+                           manifest with their SHA-256 and the metrics line count (the commit point)
     adapter/               final global LoRA in PEFT format
     clients/<id>/          what stays on the client: state, synthetic samples per round
     report.md, *.png       written by `fedpit report` (and at the end of `fedpit run`)
-Files are written atomically (temp file + rename) so a crash never leaves a half-written file.
+Files are written atomically (temp file + rename) so a crash never leaves a half-written file;
+metrics.jsonl is append-only and cut back to the last committed round on resume.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import math
 import os
 import tempfile
-from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,7 +30,11 @@ from safetensors.torch import load_file, save_file
 from fedpit import config as config_mod
 from fedpit.config import Config
 from fedpit.errors import FedpitError
-from fedpit.types import AdapterState, SyntheticSample
+from fedpit.faults import failpoint
+from fedpit.types import AdapterState
+
+log = logging.getLogger(__name__)
+STATE_SEPARATOR = "::"
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -79,25 +86,80 @@ class RunDir:
         atomic_write_text(self.path / "run.json", json.dumps(data, indent=2, default=str))
 
     def append_metrics(self, record: dict[str, Any]) -> None:
+        line = json.dumps(_finite(record), default=_json_default, allow_nan=False) + "\n"
         with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(_finite(record), default=_json_default, allow_nan=False) + "\n")
+            handle.write(line[: len(line) // 2])
+            handle.flush()
+            failpoint("mid_metrics_write")  # a crash here leaves a torn last line, which readers skip
+            handle.write(line[len(line) // 2 :])
             handle.flush()
             os.fsync(handle.fileno())
 
     def metrics(self) -> list[dict[str, Any]]:
+        """Every complete record; a last line torn by a crash mid-append is ignored."""
+        return [json.loads(line) for line in self._metric_lines()]
+
+    def _metric_lines(self) -> list[str]:
         file = self.path / "metrics.jsonl"
         if not file.is_file():
             return []
-        return [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines = [line for line in file.read_text(encoding="utf-8").splitlines(keepends=True) if line.strip()]
+        if lines and not lines[-1].endswith("\n"):
+            lines.pop()
+        return lines
+
+    def _truncate_metrics(self, keep: int) -> None:
+        lines = self._metric_lines()[:keep]
+        atomic_write_text(self.path / "metrics.jsonl", "".join(lines))
 
     def config(self) -> Config:
         return config_mod.load(self.path / "config.toml")
 
+    # ------------------------------------------------------------ checkpoints: commit and restore
+    def commit(self, round_num: int, adapter: AdapterState, server_state: dict[str, Any]) -> None:
+        """Make round `round_num` durable: global adapter, server state (optimiser moments, control
+        variates, counters), then a manifest with their checksums and the number of metrics lines
+        written so far. The manifest is the commit point: without it the round never happened."""
+        folder = self.path / "checkpoints"
+        adapter_file = folder / f"global-round-{round_num:03d}.safetensors"
+        state_file = folder / f"server-round-{round_num:03d}.safetensors"
+        save_tensors(adapter_file, adapter, {"round": str(round_num)})
+        tensors, values = flatten_state(server_state)
+        save_tensors(state_file, tensors, {"values": json.dumps(values)})
+        failpoint("mid_commit")
+        manifest = {"round": round_num, "metrics_lines": len(self._metric_lines()),
+                    "sha256": {f.name: _sha256(f) for f in (adapter_file, state_file)},
+                    "time": datetime.now(UTC).isoformat(timespec="seconds")}
+        atomic_write_text(folder / f"round-{round_num:03d}.json", json.dumps(manifest, indent=2))
+
+    def committed_rounds(self) -> list[int]:
+        return sorted(int(p.stem.split("-")[1]) for p in (self.path / "checkpoints").glob("round-*.json"))
+
+    def restore(self) -> tuple[int, AdapterState, dict[str, Any]] | None:
+        """The newest committed round whose files match their checksums, with metrics cut back to
+        it; a corrupt or truncated checkpoint is reported and the one before it is used. None (and
+        an empty metrics file) when no round was committed."""
+        for round_num in reversed(self.committed_rounds()):
+            folder = self.path / "checkpoints"
+            try:
+                manifest = json.loads((folder / f"round-{round_num:03d}.json").read_text())
+                for name, digest in manifest["sha256"].items():
+                    if _sha256(folder / name) != digest:
+                        raise ValueError(f"{name} does not match its checksum")
+                adapter = load_file(folder / f"global-round-{round_num:03d}.safetensors")
+                state_file = folder / f"server-round-{round_num:03d}.safetensors"
+                values = json.loads(safe_open_metadata(state_file).get("values", "{}"))
+                server_state = unflatten_state(load_file(state_file), values)
+            except (OSError, ValueError, KeyError) as exc:
+                log.warning("checkpoint of round %d in %s is unusable (%s); trying the one before", round_num,
+                            self.path, exc)
+                continue
+            self._truncate_metrics(manifest["metrics_lines"])
+            return round_num, adapter, server_state
+        self._truncate_metrics(0)
+        return None
+
     # ------------------------------------------------------------ tensors
-    def save_checkpoint(self, round_num: int, adapter: AdapterState) -> Path:
-        path = self.path / "checkpoints" / f"global-round-{round_num:03d}.safetensors"
-        save_tensors(path, adapter, {"round": str(round_num)})
-        return path
 
     def load_checkpoint(self, round_num: int) -> AdapterState:
         return load_file(self.path / "checkpoints" / f"global-round-{round_num:03d}.safetensors")
@@ -124,16 +186,63 @@ class RunDir:
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
         return path
 
-    def save_synthetic(self, client: str, round_num: int, samples: list[SyntheticSample]) -> None:
-        lines = "".join(json.dumps(asdict(s)) + "\n" for s in samples)
-        atomic_write_text(self.client_dir(client) / "synthetic" / f"round-{round_num:03d}.jsonl", lines)
 
 
 def save_tensors(path: Path, tensors: AdapterState, metadata: dict[str, str] | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+def safe_open_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return handle.metadata() or {}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def flatten_state(state: dict[str, Any], prefix: str = "") -> tuple[dict[str, Any], dict[str, Any]]:
+    """Nested dicts of tensors and plain values -> (flat tensors, flat JSON values), keys joined
+    with '::' (tensor names themselves contain '.' and '/')."""
+    import torch
+
+    tensors: dict[str, Any] = {}
+    values: dict[str, Any] = {}
+    for key, value in state.items():
+        name = f"{prefix}{STATE_SEPARATOR}{key}" if prefix else key
+        if isinstance(value, torch.Tensor):
+            tensors[name] = value.detach().cpu()
+        elif isinstance(value, dict):
+            sub_tensors, sub_values = flatten_state(value, name)
+            tensors |= sub_tensors
+            values |= sub_values
+            if not value:
+                values[name] = {}
+        else:
+            values[name] = value
+    return tensors, values
+
+
+def unflatten_state(tensors: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    state: dict[str, Any] = {}
+    for flat, value in [*values.items(), *tensors.items()]:
+        *parents, leaf = flat.split(STATE_SEPARATOR)
+        node = state
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return state
 
 
 def _finite(value: Any) -> Any:

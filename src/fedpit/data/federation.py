@@ -8,6 +8,7 @@ sets never overlap training data.
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -43,6 +44,18 @@ class Federation:
             "eval_sets": {name: len(e) for name, e in self.eval_sets.items()},
             "holdout": len(self.holdout),
         }
+
+    def fingerprint(self) -> str:
+        """SHA-256 of every example's id and text, per client and per evaluation set: a resumed run
+        must see exactly the data it started with."""
+        digest = hashlib.sha256()
+        groups = [*(("client", c, e) for c, e in sorted(self.clients.items())),
+                  *(("eval", n, e) for n, e in sorted(self.eval_sets.items())), ("holdout", "", self.holdout)]
+        for kind, name, examples in groups:
+            digest.update(f"{kind}:{name}\n".encode())
+            for ex in examples:
+                digest.update("\x1f".join((ex.id, ex.instruction, ex.input, ex.output)).encode() + b"\x1e")
+        return digest.hexdigest()
 
 
 def text_key(text: str) -> str:

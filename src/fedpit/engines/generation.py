@@ -25,6 +25,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from fedpit.faults import failpoint
 from fedpit.model import ModelHandle
 
 BatchCallback = Callable[[int, int], None]
@@ -172,6 +173,7 @@ def generate(
             tokens = _decode_loop(handle, batch["input_ids"], batch["attention_mask"], options)
         for row, ids in zip(rows, tokens):
             outputs[row] = cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), options.stop_strings).strip()
+        failpoint("generation_batch")
         if on_batch is not None:
             on_batch(done, len(batches))
     return outputs

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fedpit.engines.encoding import collate, encode_pair
+from fedpit.faults import failpoint
 from fedpit.model import ModelHandle
 from fedpit.prompts import PromptFormat
 from fedpit.types import Example
@@ -81,6 +82,7 @@ def train_adapter(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
+            failpoint("train_step")
             tokens += int(batch["attention_mask"].sum())
             if on_step is not None:
                 on_step(len(losses), total_steps, losses[-1])

@@ -1,5 +1,6 @@
 """Several runs in one process (a method comparison, a parameter sweep): one base model loaded
-once, one run directory per job, complete runs skipped so an interrupted batch resumes."""
+once, one run directory per job; complete runs are skipped and an interrupted one continues from
+its last checkpoint, so an interrupted batch resumes where it stopped."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from fedpit.model import ModelHandle
 from fedpit.progress import RunProgress
 from fedpit.report import write_report
 from fedpit.runs import RunDir
-from fedpit.runtimes.local import prepare, run_experiment
+from fedpit.runtimes.local import open_run, prepare, run_experiment
 
 
 @dataclass(frozen=True)
@@ -32,13 +33,13 @@ def run_jobs(jobs: list[Job], root: Path, progress: RunProgress) -> list[Path]:
         if RunDir(path).read_status().get("status") == "complete":
             progress.message(f"[{index}/{len(jobs)}] {job.label}: complete, skipped")
             continue
-        if path.exists():
-            shutil.rmtree(path)  # an interrupted run restarts from scratch (no mid-run resume yet)
-        progress.message(f"[{index}/{len(jobs)}] {job.label}: running")
         exp = prepare(job.config, handle=handle)
         handle = exp.handle
-        run = RunDir.create(path, job.config)
-        run.write_status("running", federation=exp.federation.summary())
+        resume = (path / "config.toml").is_file() and RunDir(path).read_status().get("identity") == exp.identity()
+        if path.exists() and not resume:
+            shutil.rmtree(path)  # made by other code or data, or never started: begin again
+        progress.message(f"[{index}/{len(jobs)}] {job.label}: {'resuming' if resume else 'running'}")
+        run = open_run(exp, path, resume=resume)
         start = time.perf_counter()
         try:
             run_experiment(exp, run, progress)

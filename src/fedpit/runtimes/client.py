@@ -1,0 +1,50 @@
+"""One client's round, as every runtime runs it: load the client's private state, call the method's
+client rule, keep what stays on the client (state, synthetic samples) in the client's folder, and
+hand back the result whose `upload` alone may travel."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from fedpit.config import Config
+from fedpit.faults import failpoint
+from fedpit.methods import ClientContext, Method
+from fedpit.methods.base import ProgressCallback
+from fedpit.model import ModelHandle
+from fedpit.prompts import PromptFormat
+from fedpit.runs import atomic_write_text
+from fedpit.runtimes.state import ClientStateStore
+from fedpit.seeding import derive_seed
+from fedpit.types import AdapterState, ClientResult, Example
+
+
+class ClientRunner:
+    """A client's side: its examples, its folder, and the shared model it borrows for a round."""
+
+    def __init__(self, config: Config, method: Method, handle: ModelHandle, fmt: PromptFormat,
+                 folder: Path) -> None:
+        self.config = config
+        self.method = method
+        self.handle = handle
+        self.fmt = fmt
+        self.folder = Path(folder)
+        self.store = ClientStateStore(self.folder, keep=config.output.checkpoint_every + 1)
+
+    def run_round(self, client: str, examples: list[Example], round_num: int, global_adapter: AdapterState,
+                  learning_rate: float, broadcast: dict[str, AdapterState],
+                  on_progress: ProgressCallback | None = None) -> ClientResult:
+        ctx = ClientContext(
+            client=client, round=round_num, examples=examples, state=self.store.load(client, round_num),
+            handle=self.handle, fmt=self.fmt, config=self.config, learning_rate=learning_rate,
+            seed=derive_seed(self.config.seed, "client", client, round_num), broadcast=broadcast,
+            on_progress=on_progress,
+        )
+        result = self.method.client_update(ctx, global_adapter)
+        failpoint("after_client_update")
+        self.store.save(client, round_num, result.state)
+        if self.config.output.save_synthetic and result.synthetic:
+            lines = "".join(json.dumps(asdict(s)) + "\n" for s in result.synthetic)
+            atomic_write_text(self.folder / client / "synthetic" / f"round-{round_num:03d}.jsonl", lines)
+        return result

@@ -1,0 +1,195 @@
+"""The server's side of a run, shared by every runtime: sampling, aggregation, records,
+checkpoints, evaluation, resume.
+
+A runtime supplies only the transport: given a `RoundPlan` it gets the sampled clients' uploads
+back (in process, or over Flower) and hands them to `Server.complete_round`. Everything the
+server decides is a function of the config, the seed and the round number, so the same run gives
+the same global adapter whatever carries the messages, and a resumed run continues exactly.
+
+Commit point: a round counts as done when its checkpoint manifest is written, which happens last,
+after its metrics, leakage and evaluation records. A run killed anywhere before that resumes at
+the start of that round, with the metrics of the unfinished round dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedpit.config import Config
+from fedpit.engines.training import learning_rate_for_round
+from fedpit.evaluation import EvalOptions, evaluate
+from fedpit.faults import failpoint
+from fedpit.progress import RunProgress
+from fedpit.runs import RunDir
+from fedpit.runtimes.audit import Auditor, record
+from fedpit.seeding import derive_seed
+from fedpit.types import AdapterState, ClientUpload
+
+log = logging.getLogger(__name__)
+
+
+def sample_clients(clients: list[str], per_round: int, seed: int, round_num: int) -> list[str]:
+    """All clients, or `per_round` of them drawn with a seed that depends only on the round (so
+    sampling needs no state to resume and is the same in every runtime)."""
+    if per_round <= 0 or per_round >= len(clients):
+        return list(clients)
+    return sorted(random.Random(derive_seed(seed, "sample", round_num)).sample(clients, per_round))
+
+
+@dataclass
+class RoundPlan:
+    """What the server sends out in a round: who, at which learning rate, with which tensors."""
+
+    round_num: int
+    sampled: list[str]
+    learning_rate: float
+    global_adapter: AdapterState
+    broadcast: dict[str, AdapterState]
+    started: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class ClientReport:
+    """The server's record of one client's round: its upload and the seconds it spent per phase
+    (numbers only; a runtime may carry them in the upload's metrics)."""
+
+    upload: ClientUpload
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+
+
+class Server:
+    """One run's server. `start()` restores from the last good checkpoint when the run directory
+    has one; `rounds()` then yields the rounds still to run."""
+
+    def __init__(self, config: Config, method, handle, fmt, eval_sets, run: RunDir,
+                 progress: RunProgress | None = None, auditor_factory=None) -> None:
+        self.config = config
+        self.method = method
+        self.handle = handle
+        self.fmt = fmt
+        self.eval_sets = eval_sets
+        self.run = run
+        self.progress = progress or RunProgress(quiet=True)
+        self.auditor_factory = auditor_factory
+        self.auditor: Auditor | None = None
+        self.global_adapter: AdapterState = {}
+        self.server_state: dict[str, Any] = {}
+        self.first_round = 1
+
+    # ------------------------------------------------------------------ start and resume
+    def start(self, client_ids: list[str]) -> int:
+        """Load the last committed round, or initialise round 0 (fresh adapter, first evaluation).
+        Returns the number of the first round still to run."""
+        cfg = self.config
+        initial = self.handle.fresh_adapter(derive_seed(cfg.seed, "lora-init"))
+        if self.auditor_factory is not None:
+            self.auditor = self.auditor_factory(initial)
+        restored = self.run.restore()
+        if restored is not None:
+            done, self.global_adapter, self.server_state = restored
+            self.progress.message(f"resuming after round {done} from {self.run.path}")
+            self.first_round = done + 1
+            return self.first_round
+        self.global_adapter = initial
+        self.server_state = {"num_clients": len(client_ids)}
+        if cfg.eval.at_start and self.auditor is not None and "global" in cfg.privacy.targets:
+            self.audit(self.global_adapter, 0, "global", None)
+        if cfg.eval.at_start and cfg.eval.every > 0 and self.eval_sets:
+            self.evaluate(self.global_adapter, 0)
+        self.run.commit(0, self.global_adapter, self.server_state)
+        self.first_round = 1
+        return 1
+
+    def rounds(self) -> range:
+        self.progress.rounds(self.config.federation.rounds)
+        return range(self.first_round, self.config.federation.rounds + 1)
+
+    # ------------------------------------------------------------------ one round
+    def plan(self, round_num: int, client_ids: list[str]) -> RoundPlan:
+        failpoint("round_start")
+        cfg = self.config
+        sampled = sample_clients(client_ids, cfg.federation.clients_per_round, cfg.seed, round_num)
+        lr = learning_rate_for_round(cfg.train.learning_rate, cfg.train.min_learning_rate, cfg.train.schedule,
+                                     round_num, cfg.federation.rounds)
+        self.progress.clients(round_num, len(sampled))
+        return RoundPlan(round_num=round_num, sampled=sampled, learning_rate=lr,
+                         global_adapter=self.global_adapter, broadcast=self.method.broadcast(self.server_state))
+
+    def attack_round(self, round_num: int) -> bool:
+        every = self.config.privacy.every
+        return self.auditor is not None and every > 0 and (
+            round_num % every == 0 or round_num == self.config.federation.rounds)
+
+    def complete_round(self, plan: RoundPlan, reports: list[ClientReport],
+                       dropped: dict[str, str] | None = None) -> AdapterState:
+        """Aggregate the uploads that arrived, record the round, evaluate, and commit it."""
+        cfg = self.config
+        dropped = dropped or {}
+        uploads = [r.upload for r in reports]
+        if not uploads and any(u for u in plan.sampled if u not in dropped):
+            raise RuntimeError(f"round {plan.round_num}: no uploads")
+        aggregate_start = time.perf_counter()
+        if uploads:
+            self.global_adapter = self.method.aggregate(self.global_adapter, uploads, self.server_state)
+        per_client = {
+            r.upload.client: {**r.upload.metrics, "num_examples": r.upload.num_examples,
+                              "upload_bytes": r.upload.num_bytes,
+                              "seconds": {k: round(v, 3) for k, v in r.phase_seconds.items()}}
+            for r in reports
+        }
+        round_record = {
+            "kind": "round", "method": cfg.method.name, "round": plan.round_num, "sampled": plan.sampled,
+            "learning_rate": plan.learning_rate, "clients": per_client,
+            "upload_bytes": sum(u.num_bytes for u in uploads),
+            "seconds": {"aggregate": round(time.perf_counter() - aggregate_start, 3),
+                        "round": round(time.perf_counter() - plan.started, 3)},
+        }
+        if dropped:
+            round_record["dropped"] = dropped
+        self.run.append_metrics(round_record)
+        losses = [c["train_loss_private"] for c in per_client.values() if c.get("train_loss_private") is not None]
+        mean_loss = sum(losses) / len(losses) if losses else float("nan")
+        dropped_note = f", {len(dropped)} dropped" if dropped else ""
+        self.progress.round_done(plan.round_num, f"{len(reports)} clients{dropped_note}, mean private loss "
+                                                 f"{mean_loss:.3f}, {round_record['seconds']['round']:.0f}s")
+        last = plan.round_num == cfg.federation.rounds
+        if self.attack_round(plan.round_num) and "global" in cfg.privacy.targets:
+            self.audit(self.global_adapter, plan.round_num, "global", None)
+        if cfg.eval.every > 0 and self.eval_sets and (plan.round_num % cfg.eval.every == 0 or last):
+            self.evaluate(self.global_adapter, plan.round_num)
+        failpoint("before_commit")
+        every = cfg.output.checkpoint_every
+        if last or (every and plan.round_num % every == 0):
+            self.run.commit(plan.round_num, self.global_adapter, self.server_state)
+        return self.global_adapter
+
+    def finish(self) -> AdapterState:
+        self.handle.save_adapter(self.global_adapter, self.run.path / "adapter")
+        return self.global_adapter
+
+    # ------------------------------------------------------------------ measurements
+    def evaluate(self, adapter: AdapterState, round_num: int) -> dict:
+        cfg = self.config
+        start = time.perf_counter()
+        options = EvalOptions(max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
+                              max_length=cfg.model.max_length)
+        results = evaluate(self.handle, self.fmt, adapter, self.eval_sets, options, self.progress.phase)
+        entry = {"kind": "eval", "method": cfg.method.name, "round": round_num, "target": "global",
+                 "results": results, "seconds": round(time.perf_counter() - start, 3)}
+        self.run.append_metrics(entry)
+        summary = ", ".join(f"{name} rougeL {m['rougeL']:.3f} nll {m['nll']:.3f}" for name, m in results.items())
+        self.progress.message(f"eval after round {round_num}: {summary}")
+        return entry
+
+    def audit(self, adapter: AdapterState, round_num: int, target: str, client: str | None) -> None:
+        assert self.auditor is not None
+        self.progress.phase(f"attack {target} {client or ''}".strip(), 0, 1)
+        figures = self.auditor.attack(adapter, client)
+        self.run.append_metrics(record(round_num, target, figures, client, self.config.method.name))
+        shown = {k: round(v, 3) for k, v in figures.items()
+                 if k in ("memorization_rougeL", "mia_ref_auc", "canary_exposure_extrapolated")}
+        self.progress.message(f"leakage round {round_num} {target} {client or ''}: {shown}")
