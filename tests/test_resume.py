@@ -132,3 +132,16 @@ def test_resume_cli_errors(tmp_path):
     assert bad.returncode == 2 and "not a run directory" in bad.stderr
     both = _cli(["run", "configs/demo.toml", "--resume", str(tmp_path)])
     assert both.returncode == 2 and "--resume takes the config" in both.stderr
+
+
+def test_run_and_client_folders_are_private_to_the_user(reference_run):
+    assert (reference_run.path.stat().st_mode & 0o777) == 0o700
+    for folder in [reference_run.path / "clients", *(reference_run.path / "clients").iterdir()]:
+        assert (folder.stat().st_mode & 0o077) == 0, f"{folder} is readable by others"
+    assert all((f.stat().st_mode & 0o077) == 0 for f in (reference_run.path / "checkpoints").glob("round-*.json"))
+
+
+@pytest.mark.parametrize("name", ["../escape", "/abs", "a/b", ".hidden", ""])
+def test_config_name_cannot_escape_the_runs_folder(name):
+    with pytest.raises(FedpitError, match="name"):
+        config_mod.load(None, [f"name='{name}'"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import tomllib
 import types
 import typing
@@ -362,6 +363,9 @@ def _get(config: Config, dotted: str) -> Any:
 
 
 def validate(config: Config) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", config.name):
+        raise ConfigError(f"config key 'name' is {config.name!r}; use letters, digits, '.', '_' or '-' (it names "
+                          f"the run directory, so it may not contain a path)")
     for key, allowed in CHOICES.items():
         value = _get(config, key)
         if value not in allowed:

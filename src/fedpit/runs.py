@@ -37,8 +37,23 @@ log = logging.getLogger(__name__)
 STATE_SEPARATOR = "::"
 
 
+def private_dir(path: Path) -> Path:
+    """Create `path` and every missing parent readable by the user only (run directories and
+    client folders hold private examples and adapters); mkdir's mode covers only the last level
+    and is cut by the umask, hence the explicit chmod."""
+    path = Path(path)
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    for folder in reversed(missing):
+        folder.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(folder, 0o700)
+    return missing[0] if missing else path
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dir(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -69,7 +84,8 @@ class RunDir:
         path = Path(path)
         if path.exists() and any(path.iterdir()):
             raise FedpitError(f"run directory '{path}' already exists and is not empty; choose another --out")
-        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(path)
+        os.chmod(path, 0o700)
         run = cls(path)
         atomic_write_text(path / "config.toml", config_mod.dumps(config))
         run.write_status("running")
@@ -183,13 +199,13 @@ class RunDir:
 
     def client_dir(self, client: str) -> Path:
         path = self.path / "clients" / client
-        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(path)
         return path
 
 
 
 def save_tensors(path: Path, tensors: AdapterState, metadata: dict[str, str] | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dir(path.parent)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     with open(tmp, "rb") as handle:

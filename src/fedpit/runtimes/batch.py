@@ -13,7 +13,7 @@ from fedpit.config import Config
 from fedpit.model import ModelHandle
 from fedpit.progress import RunProgress
 from fedpit.report import write_report
-from fedpit.runs import RunDir
+from fedpit.runs import RunDir, private_dir
 from fedpit.runtimes.local import open_run, prepare, run_experiment
 
 
@@ -24,7 +24,7 @@ class Job:
 
 
 def run_jobs(jobs: list[Job], root: Path, progress: RunProgress) -> list[Path]:
-    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dir(root)
     handle: ModelHandle | None = None
     paths = []
     for index, job in enumerate(jobs, start=1):
