@@ -145,3 +145,39 @@ def test_run_and_client_folders_are_private_to_the_user(reference_run):
 def test_config_name_cannot_escape_the_runs_folder(name):
     with pytest.raises(FedpitError, match="name"):
         config_mod.load(None, [f"name='{name}'"])
+
+
+def _failing_client(monkeypatch, exp, victim: str, error: Exception):
+    original = type(exp.method).client_update
+
+    def client_update(self, ctx, global_adapter):
+        if ctx.client == victim and ctx.round == 2:
+            raise error
+        return original(self, ctx, global_adapter)
+
+    monkeypatch.setattr(type(exp.method), "client_update", client_update)
+
+
+def test_a_failing_client_is_named_and_the_run_stays_resumable(tmp_path, resume_overrides, monkeypatch):
+    exp = prepare(config_mod.load(None, resume_overrides))
+    victim = sorted(exp.federation.clients)[1]
+    _failing_client(monkeypatch, exp, victim, torch.OutOfMemoryError("CPU out of memory"))
+    run = open_run(exp, tmp_path / "run")
+    with pytest.raises(FedpitError, match=rf"{victim}: OutOfMemoryError.*--resume"):
+        run_experiment(exp, run)
+    assert run.committed_rounds() == [0, 1], "the failed round is not committed, earlier ones are intact"
+    monkeypatch.undo()
+    resumed = prepare(config_mod.load(None, resume_overrides), handle=exp.handle)
+    run_experiment(resumed, open_run(resumed, tmp_path / "run", resume=True))
+    assert [r["round"] for r in run.metrics() if r["kind"] == "round"] == [1, 2, 3]
+
+
+def test_a_failing_client_is_dropped_when_enough_others_reply(tmp_path, resume_overrides, monkeypatch):
+    exp = prepare(config_mod.load(None, [*resume_overrides, "federation.min_replies=1"]))
+    victim = sorted(exp.federation.clients)[0]
+    _failing_client(monkeypatch, exp, victim, RuntimeError("disk on fire"))
+    run = open_run(exp, tmp_path / "run")
+    run_experiment(exp, run)
+    second = next(r for r in run.metrics() if r["kind"] == "round" and r["round"] == 2)
+    assert second["dropped"] == {victim: "RuntimeError: disk on fire"}
+    assert victim not in second["clients"] and len(second["clients"]) == 1

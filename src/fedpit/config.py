@@ -87,6 +87,8 @@ class DataConfig:
 class FederationConfig:
     rounds: int = 10
     clients_per_round: int = 0
+    min_replies: int = 0
+    reply_timeout: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -363,8 +365,8 @@ def _get(config: Config, dotted: str) -> Any:
 
 
 def validate(config: Config) -> None:
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", config.name):
-        raise ConfigError(f"config key 'name' is {config.name!r}; use letters, digits, '.', '_' or '-' (it names "
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}", config.name):
+        raise ConfigError(f"config key 'name' is {config.name!r}; use letters, digits, spaces, '.', '_' or '-' (it names "
                           f"the run directory, so it may not contain a path)")
     for key, allowed in CHOICES.items():
         value = _get(config, key)
@@ -381,7 +383,8 @@ def validate(config: Config) -> None:
     for key in positive:
         if _get(config, key) <= 0:
             raise ConfigError(f"config key '{key}' must be > 0, got {_get(config, key)}")
-    non_negative = ["federation.clients_per_round", "model.threads", "synth.max_redraws", "eval.every",
+    non_negative = ["federation.clients_per_round", "federation.min_replies", "federation.reply_timeout",
+                    "model.threads", "synth.max_redraws", "eval.every",
                     "output.checkpoint_every", "train.weight_decay", "train.max_grad_norm",
                     "train.min_learning_rate"]
     for key in non_negative:

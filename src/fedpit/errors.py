@@ -21,3 +21,8 @@ class DataError(FedpitError):
 
 class ModelError(FedpitError):
     """The base model cannot be found or loaded."""
+
+
+class ClientFailure(FedpitError):
+    """A client's round failed (an exception, out of memory, a node that died) and too few replies
+    were left to aggregate. Rounds already committed are intact: the run can be resumed."""

@@ -7,6 +7,7 @@ rule nothing but the `ClientUpload`s. The research default, as in the paper's ex
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import version
@@ -29,6 +30,7 @@ from fedpit.types import AdapterState, ClientUpload
 
 __all__ = ["Experiment", "open_run", "prepare", "run_experiment", "sample_clients"]
 
+log = logging.getLogger(__name__)
 UploadObserver = Callable[[int, ClientUpload], None]
 
 
@@ -99,17 +101,25 @@ def run_experiment(
     clients = ClientRunner(cfg, exp.method, exp.handle, exp.fmt, run.path / "clients")
     for round_num in server.rounds():
         plan = server.plan(round_num, client_ids)
-        reports = []
+        reports, dropped = [], {}
         for done, client in enumerate(plan.sampled, start=1):
-            result = clients.run_round(client, exp.federation.clients[client], round_num, plan.global_adapter,
-                                       plan.learning_rate, plan.broadcast, progress.phase)
+            try:
+                result = clients.run_round(client, exp.federation.clients[client], round_num, plan.global_adapter,
+                                           plan.learning_rate, plan.broadcast, progress.phase)
+            except Exception as exc:  # one client's failure (incl. torch.OutOfMemoryError) is that client's
+                dropped[client] = f"{type(exc).__name__}: {str(exc).strip()[:300]}"
+                log.exception("client %s failed in round %d", client, round_num)
+                progress.message(f"client {client} failed in round {round_num}: {dropped[client]}")
+                if len(plan.sampled) - len(dropped) < server.required_replies(plan):
+                    server.check_replies(plan, len(reports), dropped)  # stop now: too few can still reply
+                continue
             upload = result.upload  # the only thing that crosses to the server
             if observer is not None:
                 observer(round_num, upload)
             _keep_for_audit(server, run, round_num, client, result)
             reports.append(ClientReport(upload=upload, phase_seconds=result.phase_seconds))
             progress.client_done(done)
-        server.complete_round(plan, reports)
+        server.complete_round(plan, reports, dropped)
     if cfg.eval.every > 0 and exp.federation.eval_sets:
         _evaluate_personal(exp, run, clients.store, client_ids, progress)
     return server.finish()

@@ -21,6 +21,7 @@ from typing import Any
 
 from fedpit.config import Config
 from fedpit.engines.training import learning_rate_for_round
+from fedpit.errors import ClientFailure
 from fedpit.evaluation import EvalOptions, evaluate
 from fedpit.faults import failpoint
 from fedpit.progress import RunProgress
@@ -130,8 +131,7 @@ class Server:
         cfg = self.config
         dropped = dropped or {}
         uploads = [r.upload for r in reports]
-        if not uploads and any(u for u in plan.sampled if u not in dropped):
-            raise RuntimeError(f"round {plan.round_num}: no uploads")
+        self.check_replies(plan, len(reports), dropped)
         aggregate_start = time.perf_counter()
         if uploads:
             self.global_adapter = self.method.aggregate(self.global_adapter, uploads, self.server_state)
@@ -166,6 +166,20 @@ class Server:
         if last or (every and plan.round_num % every == 0):
             self.run.commit(plan.round_num, self.global_adapter, self.server_state)
         return self.global_adapter
+
+    def required_replies(self, plan: RoundPlan) -> int:
+        """federation.min_replies, or every sampled client when it is 0."""
+        wanted = self.config.federation.min_replies
+        return len(plan.sampled) if wanted <= 0 else min(wanted, len(plan.sampled))
+
+    def check_replies(self, plan: RoundPlan, received: int, dropped: dict[str, str]) -> None:
+        if received >= self.required_replies(plan):
+            return
+        reasons = "; ".join(f"{client}: {why}" for client, why in dropped.items()) or "no reason given"
+        raise ClientFailure(
+            f"round {plan.round_num}: {received} of {len(plan.sampled)} sampled clients replied, fewer than the "
+            f"{self.required_replies(plan)} required (federation.min_replies) ({reasons}); rounds before "
+            f"{plan.round_num} are saved: fix the cause and continue with `fedpit run --resume {self.run.path}`")
 
     def finish(self) -> AdapterState:
         self.handle.save_adapter(self.global_adapter, self.run.path / "adapter")
