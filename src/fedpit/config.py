@@ -366,8 +366,8 @@ def _get(config: Config, dotted: str) -> Any:
 
 def validate(config: Config) -> None:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}", config.name):
-        raise ConfigError(f"config key 'name' is {config.name!r}; use letters, digits, spaces, '.', '_' or '-' (it names "
-                          f"the run directory, so it may not contain a path)")
+        raise ConfigError(f"config key 'name' is {config.name!r}; use letters, digits, spaces, '.', '_' or '-' "
+                          f"(it names the run directory, so it may not contain a path)")
     for key, allowed in CHOICES.items():
         value = _get(config, key)
         if value not in allowed:
