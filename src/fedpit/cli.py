@@ -61,6 +61,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise FedpitError("give a CONFIG file (e.g. configs/demo.toml) or --resume RUN_DIR")
     else:
         config = _load_config(args)
+    if args.runtime == "flower-sim":
+        return _run_flower_sim(args, config, console)
     console.print(f"preparing: model {config.model.name}, data {config.data.source}")
     exp = prepare(config)
     sizes = {c: len(e) for c, e in exp.federation.clients.items()}
@@ -93,6 +95,55 @@ def cmd_run(args: argparse.Namespace) -> int:
     console.print(f"run directory: {run.path}\nreport: {report}\n"
                   f"took {time.perf_counter() - start:.0f}s")
     return 0
+
+
+def _run_flower_sim(args: argparse.Namespace, config, console) -> int:
+    from fedpit.runs import default_run_dir
+    from fedpit.runtimes.flower.simulation import run_simulation
+
+    target = Path(args.resume) if args.resume else Path(args.out) if args.out else default_run_dir(config)
+    console.print(f"running on Flower's simulation engine: {config.data.partition.num_clients} SuperNodes")
+    start = time.perf_counter()
+    path = run_simulation(config, target, resume=bool(args.resume))
+    console.print(f"run directory: {path}\nreport: {path / 'report.md'}\ntook {time.perf_counter() - start:.0f}s")
+    return 0
+
+
+def cmd_flower(args: argparse.Namespace) -> int:
+    """Start a SuperLink or a SuperNode (in the foreground, stopped with Ctrl-C), write the Flower
+    App folder, register a SuperNode key, or submit a run and wait for it."""
+    import subprocess
+
+    from fedpit.runtimes.flower import deployment as dep
+
+    home = Path(args.flwr_home).resolve()
+    env = dep.flower_env(home)
+    if args.action == "superlink":
+        command = dep.superlink_command(args.port, Path(args.state_dir), args.host,
+                                        Path(args.certs) if args.certs else None, args.auth)
+    elif args.action == "supernode":
+        command = dep.supernode_command(args.superlink, args.port, Path(args.state_dir), client_id=args.client_id,
+                                        data_file=args.data_file, partition_id=args.partition_id, host=args.host,
+                                        root_certificates=Path(args.root_certificates) if args.root_certificates
+                                        else None, auth_key=Path(args.auth_key) if args.auth_key else None)
+    elif args.action == "app":
+        print(dep.write_app(Path(args.app_dir)))
+        return 0
+    else:
+        root = Path(args.root_certificates).resolve() if args.root_certificates else None
+        dep.write_connection(home, args.superlink, root)
+        if args.action == "register":
+            command = [dep._tool("flwr"), "supernode", "register", args.key, dep.CONNECTION]
+        else:
+            _load_config(args)  # a bad config fails here, before anything is sent
+            app = dep.write_app(home / "app")
+            command = dep.submit_command(app, Path(args.config), Path(args.run_dir), args.clients, args.resume)
+            subprocess.run(command, env=env, check=False)
+            status = dep.wait_for_run(Path(args.run_dir), timeout=args.timeout)
+            print(f"run {status['status']}: {args.run_dir}")
+            return 0 if status["status"] == "complete" else 1
+    print(" ".join(command), file=sys.stderr)
+    return subprocess.run(command, env=env, check=False).returncode
 
 
 def _checked(load):
@@ -245,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a config key, e.g. --set federation.rounds=3 (repeatable)")
     run.add_argument("--out", help="run directory (default: runs/<name>-<method>-<time>)")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped or killed run from its last checkpoint")
+    run.add_argument("--runtime", choices=["local", "flower-sim"], default="local",
+                     help="local: in-process simulator (default); flower-sim: Flower's simulation engine")
     run.add_argument("--quiet", action="store_true", help="log lines only, no progress bars")
     run.set_defaults(func=cmd_run)
 
@@ -280,6 +333,41 @@ def build_parser() -> argparse.ArgumentParser:
     attack.add_argument("--attacks", nargs="+", default=None, choices=["memorization", "membership", "canary"])
     attack.add_argument("--quiet", action="store_true")
     attack.set_defaults(func=cmd_attack)
+
+    flower = sub.add_parser("flower", help="run a real federation on Flower: superlink | supernode | submit | ...")
+    flower.add_argument("--flwr-home", default=".flwr", help="Flower's home folder (connections, installed apps)")
+    actions = flower.add_subparsers(dest="action", required=True)
+    link = actions.add_parser("superlink", help="start the SuperLink (the server's endpoint)")
+    link.add_argument("--port", type=int, default=9091)
+    link.add_argument("--host", default="0.0.0.0")
+    link.add_argument("--state-dir", default=".flwr/superlink")
+    link.add_argument("--certs", help="folder with ca.crt, server.pem, server.key (scripts/make-certs.sh)")
+    link.add_argument("--auth", action="store_true", help="admit only registered SuperNodes (needs --certs)")
+    node = actions.add_parser("supernode", help="start one institution's SuperNode")
+    node.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink")
+    node.add_argument("--port", type=int, default=9094, help="this SuperNode's local port (one per node and machine)")
+    node.add_argument("--host", default="127.0.0.1")
+    node.add_argument("--state-dir", required=True, help="where this client keeps its private state")
+    node.add_argument("--client-id", default="", help="the client's name (default: the data file's name)")
+    node.add_argument("--data-file", default="", help="this institution's own JSON/JSONL examples")
+    node.add_argument("--partition-id", type=int, default=None, help="instead: client N of the config's federation")
+    node.add_argument("--root-certificates", help="CA certificate to trust the SuperLink (TLS)")
+    node.add_argument("--auth-key", help="private key registered with `fedpit flower register`")
+    app = actions.add_parser("app", help="write the Flower App folder that `flwr run` packages")
+    app.add_argument("app_dir")
+    register = actions.add_parser("register", help="register a SuperNode's public key with an --auth SuperLink")
+    register.add_argument("key", help="public key file (ssh-keygen -t ecdsa -b 384)")
+    register.add_argument("--superlink", required=True)
+    register.add_argument("--root-certificates", required=True)
+    submit = actions.add_parser("submit", help="submit an experiment to a SuperLink and wait for it")
+    with_config(submit)
+    submit.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink")
+    submit.add_argument("--run-dir", required=True, help="run directory, written on the server's machine")
+    submit.add_argument("--clients", type=int, default=0, help="SuperNodes to wait for (default: the config's)")
+    submit.add_argument("--resume", action="store_true", help="continue --run-dir from its last checkpoint")
+    submit.add_argument("--root-certificates", help="CA certificate to trust the SuperLink (TLS)")
+    submit.add_argument("--timeout", type=float, default=7 * 24 * 3600, help="seconds to wait for the run")
+    flower.set_defaults(func=cmd_flower)
 
     methods = sub.add_parser("methods", help="list registered methods")
     methods.set_defaults(func=cmd_methods)

@@ -167,6 +167,14 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True)
+class FlowerConfig:
+    transport: str = "fp32"
+    client_cpus: float = 1.0
+    client_gpus: float = 0.0
+    wait_for_nodes: float = 120.0
+
+
+@dataclass(frozen=True)
 class OutputConfig:
     save_synthetic: bool = True
     checkpoint_every: int = 1
@@ -187,6 +195,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    flower: FlowerConfig = field(default_factory=FlowerConfig)
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -197,6 +206,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.partition.kind": ("iid", "dirichlet", "natural"),
     "train.schedule": ("cosine", "constant"),
     "synth.decoding": ("greedy", "sample"),
+    "flower.transport": ("fp32", "bf16"),
 }
 EVAL_SETS = ("medquad", "medinstruct", "pubmedqa")
 ATTACKS = ("memorization", "membership", "canary")
@@ -321,6 +331,14 @@ def from_dict(data: dict[str, Any]) -> Config:
     return config
 
 
+def loads(text: str) -> Config:
+    """A config from TOML text (e.g. the resolved config a Flower server sends its clients)."""
+    try:
+        return from_dict(tomllib.loads(text))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config text is not valid TOML: {exc}") from None
+
+
 def load(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     data: dict[str, Any] = {}
     if path is not None:
@@ -384,6 +402,7 @@ def validate(config: Config) -> None:
         if _get(config, key) <= 0:
             raise ConfigError(f"config key '{key}' must be > 0, got {_get(config, key)}")
     non_negative = ["federation.clients_per_round", "federation.min_replies", "federation.reply_timeout",
+                    "flower.client_cpus", "flower.client_gpus", "flower.wait_for_nodes",
                     "model.threads", "synth.max_redraws", "eval.every",
                     "output.checkpoint_every", "train.weight_decay", "train.max_grad_norm",
                     "train.min_learning_rate"]

@@ -167,3 +167,14 @@ def check_demonstrations(federation: Federation, config: Config) -> None:
                 f"{config.synth.num_response_demos} demonstrations plus one; lower synth.num_response_demos, "
                 f"use fewer clients (data.partition.num_clients) or more data (data.fewshot.total)"
             )
+
+
+def load_client_file(config: Config, tokenizer, path: str | Path, client: str) -> list[Example]:
+    """One institution's own examples (a deployed client pointed at its local JSON/JSONL file), cut to
+    the same token budgets as a simulated client's."""
+    examples = load_instruction_file(Path(path).expanduser(), config.data.instruction_field,
+                                     config.data.input_field, config.data.output_field)
+    if len(examples) < config.data.partition.min_examples:
+        raise DataError(f"client '{client}': {path} has {len(examples)} examples, fewer than "
+                        f"data.partition.min_examples={config.data.partition.min_examples}; add examples or lower it")
+    return [_fit(tokenizer, replace(e, id=f"{client}/{e.id}"), config) for e in examples]

@@ -60,6 +60,8 @@ class ClientReport:
 
     upload: ClientUpload
     phase_seconds: dict[str, float] = field(default_factory=dict)
+    wire_bytes: int | None = None
+    """Bytes as they travelled, where a transport narrowed them (bf16); else the upload's size."""
 
 
 class Server:
@@ -137,14 +139,14 @@ class Server:
             self.global_adapter = self.method.aggregate(self.global_adapter, uploads, self.server_state)
         per_client = {
             r.upload.client: {**r.upload.metrics, "num_examples": r.upload.num_examples,
-                              "upload_bytes": r.upload.num_bytes,
+                              "upload_bytes": r.wire_bytes or r.upload.num_bytes,
                               "seconds": {k: round(v, 3) for k, v in r.phase_seconds.items()}}
             for r in reports
         }
         round_record = {
             "kind": "round", "method": cfg.method.name, "round": plan.round_num, "sampled": plan.sampled,
             "learning_rate": plan.learning_rate, "clients": per_client,
-            "upload_bytes": sum(u.num_bytes for u in uploads),
+            "upload_bytes": sum(r.wire_bytes or r.upload.num_bytes for r in reports),
             "seconds": {"aggregate": round(time.perf_counter() - aggregate_start, 3),
                         "round": round(time.perf_counter() - plan.started, 3)},
         }

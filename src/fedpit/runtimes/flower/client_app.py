@@ -1,0 +1,117 @@
+"""The Flower ClientApp: one institution's side, running the method's client rule unchanged.
+
+Which client a SuperNode is comes from its node config:
+    client-id='clinic-a' data-file='/data/clinic-a.jsonl'   its own local data file (deployment), or
+    partition-id=N                                            client N of the federation the config builds
+                                                              (simulation, and demos on shared data);
+    state-dir='/var/lib/fedpit'                               where its private state lives (default: see below).
+The experiment config arrives as TOML inside every message, so a SuperNode needs no copy of it.
+
+Private state (persistent private adapter, SCAFFOLD's variate) and synthetic samples live in the
+state folder on the node's own disk, versioned by round, so a SuperNode restarted between rounds
+(or in the middle of one) continues exactly. The base model is loaded once per process and kept
+for every later message.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from flwr.app import Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedpit import config as config_mod
+from fedpit.config import Config
+from fedpit.data.federation import build_federation, load_client_file
+from fedpit.errors import FedpitError
+from fedpit.methods import Method, build_method
+from fedpit.model import ModelHandle, load_model
+from fedpit.prompts import PromptFormat, make_format
+from fedpit.runtimes.client import ClientRunner
+from fedpit.runtimes.flower import codec
+from fedpit.types import Example
+
+log = logging.getLogger(__name__)
+STATE_DIR_ENV = "FEDPIT_FLOWER_STATE_DIR"
+
+app = ClientApp()
+
+
+@dataclass
+class _Worker:
+    """What a process keeps between messages: the model, and per config the client's data and rule."""
+
+    config_toml: str
+    config: Config
+    method: Method
+    handle: ModelHandle
+    fmt: PromptFormat
+    client: str
+    examples: list[Example]
+    runner: ClientRunner
+
+
+_WORKER: dict[str, _Worker] = {}
+
+
+def _state_dir(context: Context, client: str) -> Path:
+    configured = context.node_config.get("state-dir") or os.environ.get(STATE_DIR_ENV)
+    root = Path(str(configured)).expanduser() if configured else Path.home() / ".cache" / "fedpit" / "supernode"
+    return root
+
+
+def _identify(config: Config, handle: ModelHandle, context: Context) -> tuple[str, list[Example]]:
+    node = context.node_config
+    if "data-file" in node:
+        client = str(node.get("client-id") or Path(str(node["data-file"])).stem)
+        return client, load_client_file(config, handle.tokenizer, str(node["data-file"]), client)
+    if "partition-id" not in node:
+        raise FedpitError("this SuperNode has neither data-file nor partition-id in its --node-config; "
+                          "start it with --node-config \"client-id='NAME' data-file='PATH'\"")
+    federation = build_federation(config, handle.tokenizer)
+    clients = sorted(federation.clients)
+    index = int(node["partition-id"])
+    if not 0 <= index < len(clients):
+        raise FedpitError(f"partition-id {index} is outside the federation's {len(clients)} clients")
+    return clients[index], federation.clients[clients[index]]
+
+
+def worker(config_toml: str, context: Context) -> _Worker:
+    """The process's worker for this config, built once (model loaded once, reused when compatible)."""
+    key = f"{context.node_id}:{config_toml}"
+    if key in _WORKER:
+        return _WORKER[key]
+    config = config_mod.loads(config_toml)
+    method = build_method(config)
+    previous = next(iter(_WORKER.values()), None)
+    if previous is not None and previous.handle.compatible(config.model, config.lora):
+        handle = previous.handle
+    else:
+        handle = load_model(config.model, config.lora, seed=config.seed)
+    fmt = make_format(config.prompt.template, handle.tokenizer)
+    client, examples = _identify(config, handle, context)
+    runner = ClientRunner(config, method, handle, fmt, _state_dir(context, client))
+    _WORKER[key] = _Worker(config_toml, config, method, handle, fmt, client, examples, runner)
+    return _WORKER[key]
+
+
+@app.query()
+def identify(msg: Message, context: Context) -> Message:
+    """Tell the server which client this node is and how many examples it holds (its FedAvg weight)."""
+    w = worker(str(msg.content[codec.ROUND]["config"]), context)
+    return Message(content=codec.encode_identity(w.client, len(w.examples)), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    request = codec.decode_request(msg.content)
+    w = worker(request.config_toml, context)
+    if request.client != w.client:
+        raise FedpitError(f"the server addressed client '{request.client}' but this node is '{w.client}'")
+    result = w.runner.run_round(w.client, w.examples, request.round_num, request.global_adapter,
+                                request.learning_rate, request.broadcast)
+    content: RecordDict = codec.encode_reply(result.upload, result.phase_seconds, w.config.flower.transport)
+    return Message(content=content, reply_to=msg)

@@ -1,0 +1,185 @@
+"""Thin helpers around Flower's deployment engine: one SuperLink, one SuperNode per institution,
+and the submission of a run. They build the command lines (with fedpit's settings: no run-time
+dependency installation, no telemetry, a project FLWR_HOME) and start processes whose PIDs the
+caller owns; nothing here stops a process it did not start.
+
+    fedpit flower superlink --port 9091 --state-dir /srv/fedpit/link
+    fedpit flower supernode --superlink link.example.org:9091 --port 9094 \\
+        --client-id clinic-a --data-file /data/clinic-a.jsonl --state-dir /var/lib/fedpit
+    fedpit flower submit configs/demo.toml --superlink link.example.org:9091 --run-dir runs/federated
+
+TLS: give the SuperLink `--certs DIR` (ca.crt, server.pem, server.key; made by
+scripts/make-certs.sh) and each SuperNode / submitter `--root-certificates DIR/ca.crt`; with
+`--auth` the SuperLink only admits SuperNodes whose public key was registered
+(`fedpit flower register KEY.pub`), each started with `--auth-key KEY`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedpit.errors import FedpitError
+from fedpit.runs import private_dir
+
+APP_NAME = "fedpit-app"
+CONNECTION = "fedpit"
+APP_PYPROJECT = """\
+# Written by `fedpit flower app`: a Flower App whose components are fedpit's ServerApp and ClientApp.
+# fedpit itself must be installed where the SuperLink and SuperNodes run (no run-time installs).
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "{name}"
+version = "{version}"
+description = "fedpit: privacy-preserving few-shot federated instruction tuning"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "fedpit"
+
+[tool.flwr.app.components]
+serverapp = "fedpit.runtimes.flower.server_app:app"
+clientapp = "fedpit.runtimes.flower.client_app:app"
+
+[tool.flwr.app.config]
+config = ""
+run-dir = ""
+resume = false
+clients = 0
+"""
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    """The environment every Flower process gets: a project FLWR_HOME, no telemetry or update
+    checks, no dependency installation at run time, and this venv's scripts on PATH (the SuperLink
+    and SuperNodes start `flower-superexec` by name)."""
+    bin_dir = str(Path(sys.executable).parent)
+    return {**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0", "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def _tool(name: str) -> str:
+    path = Path(sys.executable).parent / name
+    if not path.exists():
+        found = shutil.which(name)
+        if found is None:
+            raise FedpitError(f"'{name}' not found; install fedpit with `make setup` (it brings flwr)")
+        return found
+    return str(path)
+
+
+def superlink_command(port: int, state_dir: Path, host: str = "127.0.0.1", certs: Path | None = None,
+                      auth: bool = False) -> list[str]:
+    state_dir = Path(state_dir).resolve()
+    private_dir(state_dir)
+    command = [_tool("flower-superlink"), "--host", host, "--port", str(port),
+               "--database", str(state_dir / "superlink.db"), "--disable-runtime-dependency-installation"]
+    if certs is None:
+        if auth:
+            raise FedpitError("SuperNode authentication needs TLS: pass --certs DIR (see scripts/make-certs.sh)")
+        return [*command, "--insecure"]
+    command += ["--ssl-ca-certfile", str(certs / "ca.crt"), "--ssl-certfile", str(certs / "server.pem"),
+                "--ssl-keyfile", str(certs / "server.key")]
+    return [*command, "--enable-supernode-auth"] if auth else command
+
+
+def supernode_command(superlink: str, port: int, state_dir: Path, *, client_id: str = "", data_file: str = "",
+                      partition_id: int | None = None, host: str = "127.0.0.1", root_certificates: Path | None = None,
+                      auth_key: Path | None = None) -> list[str]:
+    if bool(data_file) == (partition_id is not None):
+        raise FedpitError("a SuperNode needs exactly one of --data-file (its own data) or --partition-id")
+    private_dir(Path(state_dir).resolve())
+    node = {"state-dir": str(Path(state_dir).resolve())}
+    if data_file:
+        node |= {"client-id": client_id or Path(data_file).stem, "data-file": str(Path(data_file).resolve())}
+    else:
+        node["partition-id"] = partition_id
+    node_config = " ".join(f"{k}={json.dumps(v)}" if isinstance(v, str) else f"{k}={v}" for k, v in node.items())
+    command = [_tool("flower-supernode"), "--superlink", superlink, "--host", host, "--port", str(port),
+               "--node-config", node_config]
+    if root_certificates is None:
+        return [*command, "--insecure"]
+    command += ["--root-certificates", str(root_certificates)]
+    return [*command, "--auth-supernode-private-key", str(auth_key)] if auth_key else command
+
+
+def write_app(folder: Path) -> Path:
+    """The Flower App folder `flwr run` packages: only a pyproject naming fedpit's components."""
+    from importlib.metadata import version
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "pyproject.toml").write_text(APP_PYPROJECT.format(name=APP_NAME, version=version("fedpit")))
+    return folder
+
+
+def write_connection(flwr_home: Path, superlink: str, root_certificates: Path | None = None) -> None:
+    """`flwr` finds SuperLinks by connection name in FLWR_HOME/config.toml; ours is 'fedpit'."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    security = f'root-certificates = "{root_certificates}"' if root_certificates else "insecure = true"
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{superlink}"\n{security}\n')
+
+
+def submit_command(app_dir: Path, config: Path, run_dir: Path, clients: int, resume: bool = False,
+                   stream: bool = True) -> list[str]:
+    paths = {"config": str(Path(config).resolve()), "run-dir": str(Path(run_dir).resolve())}
+    run_config = " ".join(f"{k}={json.dumps(v)}" for k, v in paths.items())
+    run_config += f" clients={clients} resume={'true' if resume else 'false'}"
+    command = [_tool("flwr"), "run", str(app_dir), CONNECTION, "--run-config", run_config]
+    return [*command, "--stream"] if stream else command
+
+
+@dataclass
+class Started:
+    """A process this session started, stoppable by its PID only."""
+
+    name: str
+    process: subprocess.Popen
+    log: Path
+
+    def stop(self, grace: float = 10.0) -> None:
+        if self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=grace)
+
+
+def start(name: str, command: list[str], env: dict[str, str], log_dir: Path) -> Started:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = log_dir / f"{name}.log"
+    handle = open(log, "ab")  # noqa: SIM115 - the child owns it for its lifetime
+    process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL)
+    return Started(name=name, process=process, log=log)
+
+
+def wait_for_run(run_dir: Path, timeout: float, poll: float = 2.0) -> dict:
+    """Poll the run directory (the ServerApp writes its status there) until complete or failed."""
+    deadline = time.monotonic() + timeout
+    status: dict = {}
+    while time.monotonic() < deadline:
+        file = Path(run_dir) / "run.json"
+        if file.is_file():
+            try:
+                status = json.loads(file.read_text())
+            except json.JSONDecodeError:
+                status = {}
+            if status.get("status") in ("complete", "failed"):
+                return status
+        time.sleep(poll)
+    raise FedpitError(f"the run in '{run_dir}' did not finish within {timeout:.0f}s (status {status.get('status')})")

@@ -1,0 +1,117 @@
+"""A real Flower deployment on loopback: a SuperLink and two SuperNodes as separate processes, each
+SuperNode with its own data file and state folder, a FedPIT run submitted with `flwr run`, and every
+process this test started stopped by its PID afterwards, also when the test fails."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import write_instruction_file
+from fedpit import config as config_mod
+from fedpit.runs import RunDir
+from fedpit.runtimes.flower import deployment as dep
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_port(port: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"nothing listens on port {port}")
+
+
+def _children_of(pids: set[int]) -> list[int]:
+    """Processes whose parent is one we started, or that watch one (flower-superexec --parent-pid)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        watched = {int(cmdline[i + 1]) for i, a in enumerate(cmdline[:-1]) if a == b"--parent-pid"
+                   and cmdline[i + 1].isdigit()}
+        if int(stat[1]) in pids or watched & pids:
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.fixture
+def started():
+    processes: list[dep.Started] = []
+    yield processes
+    pids = {p.process.pid for p in processes}
+    for process in reversed(processes):
+        process.stop()
+    deadline = time.monotonic() + 30
+    while _children_of(pids) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert all(p.process.poll() is not None for p in processes), "a started process is still running"
+    assert _children_of(pids) == [], "a child of a started process is still running"
+
+
+def _client_files(tmp_path: Path) -> list[Path]:
+    everything = write_instruction_file(tmp_path / "all.jsonl", 36).read_text().splitlines()
+    files = []
+    for i in range(2):
+        path = tmp_path / f"clinic-{i}.jsonl"
+        path.write_text("\n".join(everything[i::2]))
+        files.append(path)
+    return files
+
+
+def test_fedpit_runs_on_a_loopback_deployment(tmp_path, tiny_overrides, started):
+    config = config_mod.load(None, [*tiny_overrides, "data.partition.num_clients=2", "federation.rounds=2",
+                                    "federation.reply_timeout=240"])
+    config_file = tmp_path / "experiment.toml"
+    config_file.write_text(config_mod.dumps(config))
+    home = tmp_path / "flwr-home"
+    env = dep.flower_env(home)
+    logs = tmp_path / "logs"
+    link_port = _free_port()
+    started.append(dep.start("superlink", dep.superlink_command(link_port, tmp_path / "link"), env, logs))
+    _wait_for_port(link_port)
+    for i, data_file in enumerate(_client_files(tmp_path)):
+        command = dep.supernode_command(f"127.0.0.1:{link_port}", _free_port(), tmp_path / f"node-{i}",
+                                        client_id=f"clinic-{i}", data_file=str(data_file))
+        started.append(dep.start(f"supernode-{i}", command, env, logs))
+    dep.write_connection(home, f"127.0.0.1:{link_port}")
+    app = dep.write_app(tmp_path / "app")
+    run_dir = tmp_path / "run"
+    submitted = subprocess.run(dep.submit_command(app, config_file, run_dir, clients=2, stream=False), env=env,
+                               capture_output=True, text=True, timeout=120)
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    try:
+        status = dep.wait_for_run(run_dir, timeout=500)
+    except Exception:
+        print({p.name: p.log.read_text()[-3000:] for p in started})
+        raise
+    assert status["status"] == "complete", status
+    rounds = [r for r in RunDir(run_dir).metrics() if r["kind"] == "round"]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert all(sorted(r["clients"]) == ["clinic-0", "clinic-1"] for r in rounds)
+    assert all(r["clients"]["clinic-0"]["num_examples"] == 18 for r in rounds)
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    for i in range(2):  # private state and synthetic samples stayed on each node's own disk
+        node = tmp_path / f"node-{i}" / f"clinic-{i}"
+        assert list((node / "state").glob("round-*.json")) and list((node / "synthetic").glob("*.jsonl"))
+    assert not (run_dir / "clients").exists(), "the server's run directory holds nothing of the clients"
+    assert json.loads((run_dir / "run.json").read_text())["runtime"] == "flower"
+    assert os.environ.get("FLWR_HOME") != str(home), "the test's FLWR_HOME stays inside the test"
