@@ -115,3 +115,45 @@ def test_fedpit_runs_on_a_loopback_deployment(tmp_path, tiny_overrides, started)
     assert not (run_dir / "clients").exists(), "the server's run directory holds nothing of the clients"
     assert json.loads((run_dir / "run.json").read_text())["runtime"] == "flower"
     assert os.environ.get("FLWR_HOME") != str(home), "the test's FLWR_HOME stays inside the test"
+
+
+def _wait_for_commit(run_dir: Path, round_num: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not (run_dir / "checkpoints" / f"round-{round_num:03d}.json").is_file():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"round {round_num} was not committed within {timeout:.0f}s")
+        time.sleep(1)
+
+
+def test_a_supernode_that_dies_is_dropped_and_resumes_its_state_after_restart(tmp_path, tiny_overrides, started):
+    config = config_mod.load(None, [*tiny_overrides, "data.partition.num_clients=2", "federation.rounds=3",
+                                    "method.persistent_private=true", "federation.min_replies=1",
+                                    "federation.reply_timeout=60"])
+    config_file = tmp_path / "experiment.toml"
+    config_file.write_text(config_mod.dumps(config))
+    home = tmp_path / "flwr-home"
+    env = dep.flower_env(home)
+    logs = tmp_path / "logs"
+    link_port = _free_port()
+    started.append(dep.start("superlink", dep.superlink_command(link_port, tmp_path / "link"), env, logs))
+    _wait_for_port(link_port)
+    commands = [dep.supernode_command(f"127.0.0.1:{link_port}", _free_port(), tmp_path / f"node-{i}",
+                                      client_id=f"clinic-{i}", data_file=str(f)) for i, f in
+                enumerate(_client_files(tmp_path))]
+    for i, command in enumerate(commands):
+        started.append(dep.start(f"supernode-{i}", command, env, logs))
+    dep.write_connection(home, f"127.0.0.1:{link_port}")
+    run_dir = tmp_path / "run"
+    subprocess.run(dep.submit_command(dep.write_app(tmp_path / "app"), config_file, run_dir, clients=2, stream=False),
+                   env=env, capture_output=True, text=True, timeout=120, check=True)
+    _wait_for_commit(run_dir, 1)
+    started[-1].process.kill()  # clinic-1's SuperNode dies (SIGKILL) before it can answer round 2 ...
+    started[-1].process.wait()
+    started.append(dep.start("supernode-1-restarted", commands[1], env, logs))  # ... and comes back
+    status = dep.wait_for_run(run_dir, timeout=400)
+    assert status["status"] == "complete", status
+    rounds = {r["round"]: r for r in RunDir(run_dir).metrics() if r["kind"] == "round"}
+    assert sorted(rounds[2]["clients"]) == ["clinic-0"] and "clinic-1" in rounds[2]["dropped"]
+    assert sorted(rounds[3]["clients"]) == ["clinic-0", "clinic-1"]
+    assert rounds[3]["clients"]["clinic-1"]["state_from_round"] == 1, "the restarted node resumed its private state"
+    assert rounds[3]["clients"]["clinic-0"]["state_from_round"] == 2

@@ -42,6 +42,8 @@ class ClientRunner:
             on_progress=on_progress,
         )
         result = self.method.client_update(ctx, global_adapter)
+        # Which round's private state this round started from: shows a restarted node resumed it.
+        result.upload.metrics["state_from_round"] = float(self.store.version_before(client, round_num))
         failpoint("after_client_update")
         self.store.save(client, round_num, result.state)
         if self.config.output.save_synthetic and result.synthetic:

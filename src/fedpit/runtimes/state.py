@@ -40,6 +40,10 @@ class ClientStateStore:
             return []
         return sorted({int(m.group(1)) for p in folder.iterdir() if (m := _VERSION.match(p.name))})
 
+    def version_before(self, client: str, before_round: int) -> int:
+        """The round whose state `load(client, before_round)` returns; 0 for a fresh client."""
+        return max((v for v in self._versions(client) if v < before_round), default=0)
+
     def load(self, client: str, before_round: int) -> ClientState:
         """The state the client had at the start of `before_round`."""
         versions = [v for v in self._versions(client) if v < before_round]
