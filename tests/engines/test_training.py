@@ -38,3 +38,21 @@ def test_cosine_schedule_by_round():
     rates = [learning_rate_for_round(1.0, 0.1, "cosine", r, 4) for r in range(1, 5)]
     assert rates == sorted(rates, reverse=True) and rates[-1] > 0.1  # the last round still learns
     assert learning_rate_for_round(1.0, 0.0, "constant", 4, 5) == 1.0
+
+
+def test_length_grouped_batches_cover_every_example_once_and_pad_less():
+    import random
+
+    import torch
+
+    from fedpit.engines.training import length_grouped_batches
+
+    lengths = [random.Random(i).randint(10, 300) for i in range(50)]
+    batches = length_grouped_batches(lengths, 8, torch.Generator().manual_seed(0))
+    assert sorted(i for b in batches for i in b) == list(range(50))
+    assert all(len(b) <= 8 for b in batches)
+    padded = sum(max(lengths[i] for i in b) * len(b) for b in batches)
+    shuffled = torch.randperm(50, generator=torch.Generator().manual_seed(0)).tolist()
+    plain = sum(max(lengths[i] for i in shuffled[f:f + 8]) * len(shuffled[f:f + 8]) for f in range(0, 50, 8))
+    assert padded < 0.8 * plain
+    assert batches == length_grouped_batches(lengths, 8, torch.Generator().manual_seed(0)), "seeded"

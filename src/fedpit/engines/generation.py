@@ -49,6 +49,21 @@ def cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
     return text[:cut]
 
 
+_STOP_ENDERS: dict[tuple[int, tuple[str, ...]], frozenset[int]] = {}
+
+
+def stop_enders(tokenizer, stops: tuple[str, ...]) -> frozenset[int]:
+    """Token ids whose text contains the last character of a stop string: a stop string can only be
+    completed by one of them, so the decode loop decodes a row's tail only after such a token
+    instead of at every step. Built once per tokenizer and stop set (one pass over the vocabulary)."""
+    key = (id(tokenizer), stops)
+    if key not in _STOP_ENDERS:
+        finals = {stop[-1] for stop in stops if stop}
+        pieces = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=True)
+        _STOP_ENDERS[key] = frozenset(i for i, piece in enumerate(pieces) if any(c in piece for c in finals))
+    return _STOP_ENDERS[key]
+
+
 def _has_stop(tokenizer, tokens: list[int], stops: tuple[str, ...]) -> bool:
     if not stops:
         return False
@@ -99,6 +114,7 @@ def _decode_loop(handle: ModelHandle, input_ids: torch.Tensor, attention_mask: t
     alive = torch.arange(input_ids.shape[0], device=input_ids.device)
     sequences, mask, next_position = input_ids, attention_mask, positions[:, -1] + 1
     generated: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
+    enders = stop_enders(tokenizer, options.stop_strings) if options.stop_strings else frozenset()
     for _ in range(options.max_new_tokens):
         scores = processors(sequences, out.logits[:, -1, :].float())
         if options.do_sample:
@@ -110,8 +126,9 @@ def _decode_loop(handle: ModelHandle, input_ids: torch.Tensor, attention_mask: t
             if token == eos:
                 continue
             generated[row].append(token)
-            if not _has_stop(tokenizer, generated[row][-16:], options.stop_strings):
-                keep.append(i)
+            if token in enders and _has_stop(tokenizer, generated[row][-16:], options.stop_strings):
+                continue
+            keep.append(i)
         if not keep:
             break
         if len(keep) < len(alive):

@@ -69,10 +69,8 @@ def train_adapter(
     tokens = 0
     handle.model.train()
     for _epoch in range(options.epochs):
-        order = torch.randperm(len(encoded), generator=generator).tolist()
-        for first in range(0, len(order), options.batch_size):
-            batch = collate([encoded[i] for i in order[first : first + options.batch_size]],
-                            handle.tokenizer.pad_token_id, handle.device)
+        for rows in length_grouped_batches([len(p.input_ids) for p in encoded], options.batch_size, generator):
+            batch = collate([encoded[i] for i in rows], handle.tokenizer.pad_token_id, handle.device)
             loss = handle.model(**batch).loss
             if extra_loss is not None:
                 loss = loss + extra_loss(handle.lora_params)
@@ -91,6 +89,20 @@ def train_adapter(
         mean_loss=sum(losses) / len(losses), steps=len(losses), tokens=tokens,
         seconds=time.perf_counter() - start, losses=losses,
     )
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, generator: torch.Generator,
+                           group: int = 8) -> list[list[int]]:
+    """Shuffled batches of similar lengths: shuffle, sort each window of `group` batches by length,
+    cut it into batches, shuffle the batches. Padding to the longest example in a batch then costs
+    little, while which examples meet and the batch order stay random (and seeded)."""
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    window = batch_size * group
+    batches = []
+    for first in range(0, len(order), window):
+        chunk = sorted(order[first : first + window], key=lambda i: -lengths[i])
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
 def learning_rate_for_round(base: float, minimum: float, schedule: str, round_num: int, rounds: int) -> float:
