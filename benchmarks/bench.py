@@ -5,7 +5,7 @@ run (interleaved, repeated; median and spread), on the embedded SmolLM2 and real
 
 Sections: generation (our decode loop vs one-prompt-at-a-time and batched `model.generate`),
 training (our loop vs a plain PyTorch + peft loop), round cost (FedPIT client round / FedAvg client
-round, by phase), memory (peak RSS of a 10-client run / a 2-client run), upload bytes (fp32 vs bf16).
+round, by phase), memory (peak RSS of a 10-client run / a 2-client run), upload bytes as they travel (Flower codec, fp32 vs bf16 transport).
 """
 
 from __future__ import annotations
@@ -135,8 +135,10 @@ def bench_round(exp) -> dict:
                             handle=exp.handle, fmt=exp.fmt, config=cfg, learning_rate=1e-4, seed=0)
         seconds, result = timed(lambda m=method, c=ctx: m.client_update(c, exp.handle.fresh_adapter(0)))
         results[name] = {"seconds": seconds, "phases": result.phase_seconds, "upload": result.upload}
-    fp32 = results["fedpit"]["upload"].num_bytes
-    bf16 = sum(t.numel() * 2 for t in results["fedpit"]["upload"].tensors.values())
+    from fedpit.runtimes.flower.codec import encode_reply, wire_bytes
+
+    upload = results["fedpit"]["upload"]
+    fp32, bf16 = (wire_bytes(encode_reply(upload, {}, transport)) for transport in ("fp32", "bf16"))
     return {
         "fedpit_seconds": results["fedpit"]["seconds"], "fedavg_seconds": results["fedavg"]["seconds"],
         "ratio": results["fedpit"]["seconds"] / results["fedavg"]["seconds"],
@@ -183,17 +185,22 @@ def main() -> None:
     results = {"machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                            "python": platform.python_version(), "torch": torch.__version__},
                "quick": args.quick}
-    print("generation ...", flush=True)
-    results["generation"] = bench_generation(exp, repeats, prompts)
-    print("training ...", flush=True)
-    results["training"] = {dtype: bench_training(exp, repeats, dtype) for dtype in ("bf16", "fp32")}
-    print("round cost ...", flush=True)
-    results["round"] = bench_round(exp)
-    print("evaluation ...", flush=True)
-    results["evaluation"] = bench_eval(exp)
-    print("memory ...", flush=True)
-    two, ten = peak_rss_of_run(2), peak_rss_of_run(10)
-    results["memory"] = {"peak_rss_mib_2_clients": two, "peak_rss_mib_10_clients": ten, "ratio": ten / two}
+    def section(name: str, measure) -> None:  # each section is printed and saved as soon as it is measured
+        print(f"{name} ...", flush=True)
+        results[name] = measure()
+        print(json.dumps(results[name], default=str)[:1500], flush=True)
+        Path(args.out).write_text(json.dumps(results, indent=2, default=str))
+
+    section("generation", lambda: bench_generation(exp, repeats, prompts))
+    section("training", lambda: {dtype: bench_training(exp, repeats, dtype) for dtype in ("bf16", "fp32")})
+    section("round", lambda: bench_round(exp))
+    section("evaluation", lambda: bench_eval(exp))
+
+    def memory() -> dict:
+        two, ten = peak_rss_of_run(2), peak_rss_of_run(10)
+        return {"peak_rss_mib_2_clients": two, "peak_rss_mib_10_clients": ten, "ratio": ten / two}
+
+    section("memory", memory)
     results["self_peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     Path(args.out).write_text(json.dumps(results, indent=2, default=str))
     print_table(results)

@@ -61,3 +61,13 @@ def test_run_and_report(tmp_path, capsys, tiny_overrides):
     assert main(["run", "configs/demo.toml", *sets, "--set", "federation.rounds=1", "--quiet", "--out", str(out)]) == 0
     assert (out / "report.md").is_file() and (out / "train_loss.png").is_file()
     assert main(["report", str(out)]) == 0
+
+
+def test_flower_runtime_refuses_what_it_cannot_run(tmp_path, capsys):
+    from fedpit.cli import main
+
+    for extra, reason in (("privacy.enabled=true", "privacy audit"), ("method.name='centralized'", "federate")):
+        code = main(["run", "configs/demo.toml", "--runtime", "flower-sim", "--set", extra,
+                     "--out", str(tmp_path / "run")])
+        assert code == 2 and reason in capsys.readouterr().err
+        assert not (tmp_path / "run").exists()

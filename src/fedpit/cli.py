@@ -135,7 +135,9 @@ def cmd_flower(args: argparse.Namespace) -> int:
         if args.action == "register":
             command = [dep._tool("flwr"), "supernode", "register", args.key, dep.CONNECTION]
         else:
-            _load_config(args)  # a bad config fails here, before anything is sent
+            from fedpit.runtimes.flower.server_app import check_config
+
+            check_config(_load_config(args))  # a bad config fails here, before anything is sent
             app = dep.write_app(home / "app")
             command = dep.submit_command(app, Path(args.config), Path(args.run_dir), args.clients, args.resume)
             subprocess.run(command, env=env, check=False)

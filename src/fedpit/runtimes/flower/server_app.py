@@ -141,14 +141,19 @@ def send_round(grid: Grid, directory: Directory, plan: RoundPlan, config: Config
     return [received[c] for c in plan.sampled if c in received], dropped
 
 
-def serve(grid: Grid, settings: ServerSettings, progress: RunProgress | None = None) -> Path:
-    """Run (or resume) the experiment over the nodes of `grid`; returns the run directory."""
-    config = settings.config
+def check_config(config: Config) -> None:
+    """What the Flower runtime cannot do, said before anything starts."""
     if config.method.name in ("centralized", "local", "local_sg"):
         raise FedpitError(f"method '{config.method.name}' does not federate; run it with the local runtime")
     if config.privacy.enabled:
         raise FedpitError("the privacy audit needs every client's data in one process: run it with the local "
-                          "runtime, or attack a Flower run afterwards with `fedpit attack RUN_DIR`")
+                          "runtime (--runtime local), or attack a Flower run afterwards with `fedpit attack RUN_DIR`")
+
+
+def serve(grid: Grid, settings: ServerSettings, progress: RunProgress | None = None) -> Path:
+    """Run (or resume) the experiment over the nodes of `grid`; returns the run directory."""
+    config = settings.config
+    check_config(config)
     progress = progress or RunProgress(quiet=True)
     config_toml = config_mod.dumps(config)
     exp = prepare(config)  # the server's model (evaluation) and the public evaluation sets

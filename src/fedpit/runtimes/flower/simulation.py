@@ -22,6 +22,7 @@ from fedpit.runtimes.flower import client_app, server_app
 def run_simulation(config: Config, run_dir: Path, resume: bool = False, num_clients: int | None = None) -> Path:
     from flwr.simulation import run_simulation as flower_run_simulation
 
+    server_app.check_config(config)
     clients = num_clients or config.data.partition.num_clients
     settings = {"config-text": config_mod.dumps(config), "run-dir": str(run_dir), "resume": resume,
                 "clients": clients}
