@@ -140,8 +140,9 @@ def cmd_flower(args: argparse.Namespace) -> int:
             check_config(_load_config(args))  # a bad config fails here, before anything is sent
             app = dep.write_app(home / "app")
             command = dep.submit_command(app, Path(args.config), Path(args.run_dir), args.clients, args.resume)
-            subprocess.run(command, env=env, check=False)
-            status = dep.wait_for_run(Path(args.run_dir), timeout=args.timeout)
+            subprocess.run(command, env=env, check=False, timeout=args.timeout)  # streams the ServerApp's log
+            # `flwr run --stream` exits 0 even when the ServerApp failed: the run directory says how it ended.
+            status = dep.wait_for_run(Path(args.run_dir), timeout=30)
             print(f"run {status['status']}: {args.run_dir}")
             return 0 if status["status"] == "complete" else 1
     print(" ".join(command), file=sys.stderr)
