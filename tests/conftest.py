@@ -49,7 +49,7 @@ def tiny_model_dir(tmp_path_factory, smollm2_path) -> Path:
     return folder
 
 
-def write_instruction_file(path: Path, count: int, prefix: str = "") -> Path:
+def _write_instruction_file(path: Path, count: int, prefix: str = "") -> Path:
     """Distinct medical-style pairs so ROUGE filters and partitions behave as on real data."""
     organs = ["heart", "lung", "liver", "kidney", "skin", "brain", "bone", "eye", "ear", "blood", "thyroid", "colon"]
     verbs = ["symptoms", "causes", "treatments", "tests", "risks", "outlook"]
@@ -66,10 +66,17 @@ def write_instruction_file(path: Path, count: int, prefix: str = "") -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def write_instruction_file():
+    """The synthetic instruction-file writer, as a fixture: test modules in sub-folders cannot import
+    the root conftest by name (each folder's conftest shadows it)."""
+    return _write_instruction_file
+
+
 @pytest.fixture
 def tiny_overrides(tmp_path, tiny_model_dir) -> list[str]:
     """A whole FedPIT federation on the tiny model in seconds: 3 clients, 2 rounds, tiny budgets."""
-    data = write_instruction_file(tmp_path / "train.jsonl", 36)
+    data = _write_instruction_file(tmp_path / "train.jsonl", 36)
     return [
         f"model.name='{tiny_model_dir}'", "model.dtype='fp32'", "model.max_length=96",
         f"model.cache_dir='{tmp_path / 'cache'}'",

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_instruction_file
 from fedpit import config as config_mod
 from fedpit.runs import RunDir
 from fedpit.runtimes.flower import deployment as dep
@@ -67,7 +66,7 @@ def started():
     assert _children_of(pids) == [], "a child of a started process is still running"
 
 
-def _client_files(tmp_path: Path) -> list[Path]:
+def _client_files(tmp_path: Path, write_instruction_file) -> list[Path]:
     everything = write_instruction_file(tmp_path / "all.jsonl", 36).read_text().splitlines()
     files = []
     for i in range(2):
@@ -77,7 +76,7 @@ def _client_files(tmp_path: Path) -> list[Path]:
     return files
 
 
-def test_fedpit_runs_on_a_loopback_deployment(tmp_path, tiny_overrides, started):
+def test_fedpit_runs_on_a_loopback_deployment(tmp_path, tiny_overrides, started, write_instruction_file):
     config = config_mod.load(None, [*tiny_overrides, "data.partition.num_clients=2", "federation.rounds=2",
                                     "federation.reply_timeout=240"])
     config_file = tmp_path / "experiment.toml"
@@ -88,7 +87,7 @@ def test_fedpit_runs_on_a_loopback_deployment(tmp_path, tiny_overrides, started)
     link_port = _free_port()
     started.append(dep.start("superlink", dep.superlink_command(link_port, tmp_path / "link"), env, logs))
     _wait_for_port(link_port)
-    for i, data_file in enumerate(_client_files(tmp_path)):
+    for i, data_file in enumerate(_client_files(tmp_path, write_instruction_file)):
         command = dep.supernode_command(f"127.0.0.1:{link_port}", _free_port(), tmp_path / f"node-{i}",
                                         client_id=f"clinic-{i}", data_file=str(data_file))
         started.append(dep.start(f"supernode-{i}", command, env, logs))
@@ -125,7 +124,9 @@ def _wait_for_commit(run_dir: Path, round_num: int, timeout: float = 300) -> Non
         time.sleep(1)
 
 
-def test_a_supernode_that_dies_is_dropped_and_resumes_its_state_after_restart(tmp_path, tiny_overrides, started):
+def test_a_supernode_that_dies_is_dropped_and_resumes_its_state_after_restart(
+    tmp_path, tiny_overrides, started, write_instruction_file
+):
     config = config_mod.load(None, [*tiny_overrides, "data.partition.num_clients=2", "federation.rounds=3",
                                     "method.persistent_private=true", "federation.min_replies=1",
                                     "federation.reply_timeout=60"])
@@ -139,7 +140,7 @@ def test_a_supernode_that_dies_is_dropped_and_resumes_its_state_after_restart(tm
     _wait_for_port(link_port)
     commands = [dep.supernode_command(f"127.0.0.1:{link_port}", _free_port(), tmp_path / f"node-{i}",
                                       client_id=f"clinic-{i}", data_file=str(f)) for i, f in
-                enumerate(_client_files(tmp_path))]
+                enumerate(_client_files(tmp_path, write_instruction_file))]
     for i, command in enumerate(commands):
         started.append(dep.start(f"supernode-{i}", command, env, logs))
     dep.write_connection(home, f"127.0.0.1:{link_port}")
