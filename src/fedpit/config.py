@@ -35,6 +35,8 @@ class ModelConfig:
     threads: int = 0
     trust_remote_code: bool = False
     cache_dir: str = ""
+    merge_for_inference: bool = True
+    quantization: str = "none"
 
 
 @dataclass(frozen=True)
@@ -200,6 +202,7 @@ class Config:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("bf16", "fp32", "fp16", "auto"),
+    "model.quantization": ("none", "8bit", "4bit"),
     "prompt.template": ("alpaca", "chat"),
     "data.source": ("medquad", "pubmedqa", "file"),
     "data.fewshot.embedder": ("minilm", "tfidf"),

@@ -12,7 +12,9 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -118,6 +120,8 @@ class ModelHandle:
     lora_params: dict[str, torch.nn.Parameter]
     model_config: ModelConfig | None = None
     lora_config: LoraConfig | None = None
+    merge_for_inference: bool = True
+    _merged: bool = field(default=False, repr=False)
 
     def get_adapter(self) -> AdapterState:
         return {k: p.detach().to("cpu", torch.float32, copy=True) for k, p in self.lora_params.items()}
@@ -127,6 +131,8 @@ class ModelHandle:
             missing = sorted(set(self.lora_params) - set(state))[:3]
             extra = sorted(set(state) - set(self.lora_params))[:3]
             raise ValueError(f"adapter keys do not match the model (missing {missing}, unexpected {extra})")
+        if self._merged:
+            raise RuntimeError("set_adapter inside ModelHandle.inference(): the merged weights would be stale")
         with torch.no_grad():
             for key, param in self.lora_params.items():
                 param.copy_(state[key])
@@ -143,6 +149,38 @@ class ModelHandle:
                     module.reset_lora_parameters(ADAPTER_NAME, True)
         return self.get_adapter()
 
+    @contextmanager
+    def inference(self) -> Iterator[None]:
+        """Inference (generation, scoring) on base + the adapter in the slot, with the adapter merged.
+
+        Every LoRA layer is swapped for a plain linear layer holding W + B·A·scale for the duration, and
+        the LoRA layers (base weights untouched) are put back afterwards, so the swap is exact and
+        reversible, unlike peft's merge/unmerge, which re-rounds the base weights in bf16 every time.
+        Without the extra LoRA matmuls and wrappers decoding is ~1.6x faster on CPU (`make bench`).
+        The merged copy of the targeted weights lives only inside the block. Quantised base layers
+        (bitsandbytes) cannot be merged and run unmerged. Re-entrant: an inner block is a no-op.
+        """
+        self.model.eval()
+        if self._merged or not self.merge_for_inference:
+            with torch.inference_mode():
+                yield
+            return
+        swapped = []
+        try:
+            with torch.no_grad():
+                for parent, attr, layer in _lora_layers(self.model):
+                    merged = _merged_linear(layer)
+                    if merged is not None:
+                        setattr(parent, attr, merged)
+                        swapped.append((parent, attr, layer))
+            self._merged = True
+            with torch.inference_mode():
+                yield
+        finally:
+            for parent, attr, layer in swapped:
+                setattr(parent, attr, layer)
+            self._merged = False
+
     def compatible(self, model_config: ModelConfig, lora_config: LoraConfig) -> bool:
         """Whether this handle can serve a run with these settings (so a comparison loads once)."""
         return (self.model_config, self.lora_config) == (model_config, lora_config)
@@ -151,6 +189,33 @@ class ModelHandle:
         """Write `state` in PEFT format, loadable with `PeftModel.from_pretrained(base, directory)`."""
         self.set_adapter(state)
         self.model.save_pretrained(str(directory), safe_serialization=True)
+
+
+def _lora_layers(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
+    from peft.tuners.lora import LoraLayer
+
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and ADAPTER_NAME in module.lora_A:
+            parent_name, _, attr = name.rpartition(".")
+            found.append((model.get_submodule(parent_name), attr, module))
+    return found
+
+
+def _merged_linear(layer: torch.nn.Module) -> torch.nn.Linear | None:
+    """A plain `nn.Linear` computing what `layer` (a peft LoRA linear in eval mode) computes; None when
+    its base is not a plain linear layer (quantised, convolution) or uses DoRA, so no exact merge exists."""
+    base = layer.base_layer
+    if type(base) is not torch.nn.Linear or layer.disable_adapters or getattr(layer, "merged", False) \
+            or layer.use_dora.get(ADAPTER_NAME, False):
+        return None
+    weight = base.weight
+    a, b = layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight
+    delta = (b.float() @ a.float()) * layer.scaling[ADAPTER_NAME]  # in fp32: one rounding, into W's dtype
+    merged = torch.nn.Linear(base.in_features, base.out_features, bias=False, device="meta")
+    merged.weight = torch.nn.Parameter((weight.float() + delta).to(weight.dtype), requires_grad=False)
+    merged.bias = base.bias
+    return merged
 
 
 def load_model(model_config: ModelConfig, lora_config: LoraConfig, seed: int = 0) -> ModelHandle:
@@ -162,11 +227,12 @@ def load_model(model_config: ModelConfig, lora_config: LoraConfig, seed: int = 0
         torch.set_num_threads(model_config.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(model_config.dtype, device)
+    quantized = _quantization_kwargs(model_config.quantization, device, dtype)
     path = resolve_model_path(model_config.name, model_config.cache_dir)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_config.trust_remote_code)
         base = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, trust_remote_code=model_config.trust_remote_code, use_safetensors=True
+            path, dtype=dtype, trust_remote_code=model_config.trust_remote_code, use_safetensors=True, **quantized
         )
     except (OSError, ValueError, KeyError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -192,7 +258,30 @@ def load_model(model_config: ModelConfig, lora_config: LoraConfig, seed: int = 0
         target_modules=list(lora_config.target_modules),
         task_type="CAUSAL_LM",
     )
-    model = get_peft_model(base, peft_config, adapter_name=ADAPTER_NAME).to(device)
+    model = get_peft_model(base, peft_config, adapter_name=ADAPTER_NAME)
+    if not quantized:  # a quantised model was placed on the GPU while loading and cannot be moved
+        model = model.to(device)
     lora_params = {_strip_adapter_name(n): p for n, p in model.named_parameters() if p.requires_grad}
     return ModelHandle(model=model, tokenizer=tokenizer, device=device, lora_params=lora_params,
-                       model_config=model_config, lora_config=lora_config)
+                       model_config=model_config, lora_config=lora_config,
+                       merge_for_inference=model_config.merge_for_inference)
+
+
+def _quantization_kwargs(mode: str, device: torch.device, dtype: torch.dtype) -> dict:
+    """`from_pretrained` arguments for a bitsandbytes 8-bit or 4-bit (NF4) base, the paper's int8
+    setting for 7B models; LoRA weights and their training stay in `dtype`."""
+    if mode == "none":
+        return {}
+    if device.type != "cuda":
+        raise ModelError(f"model.quantization='{mode}' needs a CUDA GPU (bitsandbytes); none is visible here. "
+                         f"Set model.quantization='none' to run on the CPU")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelError(f"model.quantization='{mode}' needs the package bitsandbytes; "
+                         f"run `pip install bitsandbytes` or set model.quantization='none'")
+    from transformers import BitsAndBytesConfig
+
+    if mode == "8bit":
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    return {"quantization_config": config, "device_map": {"": device.index or 0}}

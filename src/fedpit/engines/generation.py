@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import torch
 from transformers import (
-    DynamicCache,
     LogitsProcessorList,
     RepetitionPenaltyLogitsProcessor,
     StoppingCriteria,
@@ -25,6 +24,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from fedpit.engines.kvcache import preallocated_cache
 from fedpit.faults import failpoint
 from fedpit.model import ModelHandle
 
@@ -107,7 +107,7 @@ def _decode_loop(handle: ModelHandle, input_ids: torch.Tensor, attention_mask: t
     tokenizer = handle.tokenizer
     eos = tokenizer.eos_token_id
     processors = _processors(options)
-    cache = DynamicCache(config=handle.model.config)
+    cache = preallocated_cache(handle.model.config, input_ids.shape[1] + options.max_new_tokens)
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     out = handle.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                        past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -160,7 +160,6 @@ def _hf_generate(handle: ModelHandle, batch: dict[str, torch.Tensor], options: D
             for row in output[:, prompt_length:].tolist()]
 
 
-@torch.inference_mode()
 def generate(
     handle: ModelHandle,
     prompts: list[str],
@@ -171,12 +170,17 @@ def generate(
 ) -> list[str]:
     if not prompts:
         return []
+    with handle.inference():
+        return _generate(handle, prompts, options, batch_size, seed, on_batch)
+
+
+def _generate(handle: ModelHandle, prompts: list[str], options: DecodingOptions, batch_size: int,
+              seed: int | None, on_batch: BatchCallback | None) -> list[str]:
     tokenizer = handle.tokenizer
     tokenizer.padding_side = "left"
     tokenizer.truncation_side = "left"  # a prompt's end (the question) matters more than its start
     if seed is not None:
         torch.manual_seed(seed)
-    handle.model.eval()
     encoded = [tokenizer(p, add_special_tokens=True, truncation=True, max_length=options.max_prompt_tokens)["input_ids"]
                for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))

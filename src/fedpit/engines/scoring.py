@@ -15,10 +15,13 @@ from fedpit.prompts import PromptFormat
 from fedpit.types import Example
 
 
-@torch.inference_mode()
 def target_losses(handle: ModelHandle, pairs: list[EncodedPair], batch_size: int = 16) -> list[float]:
     """Mean cross-entropy over each pair's target tokens."""
-    handle.model.eval()
+    with handle.inference():
+        return _target_losses(handle, pairs, batch_size)
+
+
+def _target_losses(handle: ModelHandle, pairs: list[EncodedPair], batch_size: int) -> list[float]:
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].input_ids))  # similar lengths pad less
     results = [0.0] * len(pairs)
     for first in range(0, len(order), batch_size):
