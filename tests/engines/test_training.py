@@ -56,3 +56,28 @@ def test_length_grouped_batches_cover_every_example_once_and_pad_less():
     plain = sum(max(lengths[i] for i in shuffled[f:f + 8]) * len(shuffled[f:f + 8]) for f in range(0, 50, 8))
     assert padded < 0.8 * plain
     assert batches == length_grouped_batches(lengths, 8, torch.Generator().manual_seed(0)), "seeded"
+
+
+def test_target_only_logits_give_the_loss_transformers_computes(tiny_model_dir):
+    """Training's loss (left padding, logits for target positions only) equals `model(**batch).loss`
+    on the right-padded batch, where every position gets logits, and so do its gradients."""
+    from fedpit.engines.encoding import collate, target_token_losses
+
+    handle = load_model(ModelConfig(name=str(tiny_model_dir), dtype="fp32"), LoraConfig(rank=4, alpha=8, dropout=0.0))
+    fmt = AlpacaFormat()
+    pairs = [encode_pair(handle.tokenizer, fmt.render(f"Question {i} " * (i + 1)), "answer words " * (3 * i + 1), 96)
+             for i in range(4)]
+    pad = handle.tokenizer.pad_token_id
+    handle.model.train()
+    reference = handle.model(**collate(pairs, pad, handle.device)).loss
+    reference.backward()
+    reference_grads = {k: p.grad.clone() for k, p in handle.lora_params.items()}
+    handle.model.zero_grad()
+    token_loss, is_target = target_token_losses(handle.model, collate(pairs, pad, handle.device, left=True))
+    ours = token_loss.sum() / is_target.sum()
+    ours.backward()
+    assert is_target.shape[1] < max(len(p.input_ids) for p in pairs) - 1, "prompt positions should get no logits"
+    assert int(is_target.sum()) == sum(len(p.input_ids) - p.num_context for p in pairs)
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+    for key, grad in reference_grads.items():
+        torch.testing.assert_close(handle.lora_params[key].grad, grad, rtol=1e-4, atol=1e-6)

@@ -1,4 +1,5 @@
-"""Token-level encoding shared by training and scoring, so both see identical sequences."""
+"""Token-level encoding and the target-token loss shared by training and scoring, so both see
+identical sequences and compute the loss the same way."""
 
 from __future__ import annotations
 
@@ -43,9 +44,9 @@ def encode_pair(tokenizer, context: str | None, target: str, max_length: int) ->
 
 
 def collate(pairs: list[EncodedPair], pad_id: int, device: torch.device, left: bool = False) -> dict[str, torch.Tensor]:
-    """Pad to the longest pair in this batch only (never to a global maximum). Right padding for
-    training; left padding puts every target at the end of its row, so scoring needs the logits of
-    the last few positions only. `position_ids` count real tokens, so both give the same values."""
+    """Pad to the longest pair in this batch only (never to a global maximum). Left padding puts
+    every target at the end of its row, so training and scoring need the logits of the last few
+    positions only. `position_ids` count real tokens, so both paddings give the same values."""
     width = max(len(p.input_ids) for p in pairs)
     ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
     labels = torch.full((len(pairs), width), IGNORE_INDEX, dtype=torch.long)
@@ -59,3 +60,22 @@ def collate(pairs: list[EncodedPair], pad_id: int, device: torch.device, left: b
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": positions.to(device),
             "labels": labels.to(device)}
+
+
+def target_token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of every target token of a left-padded batch, and which positions are targets.
+
+    With left padding every target sits at the end of its row, so the model computes logits (a
+    49k-wide vocabulary for SmolLM2) for the last `keep` positions only, not for the prompt: in
+    training that removes the LM head and the log-softmax over every prompt token, which a plain
+    `model(**batch).loss` pays for. Returns (losses, mask), both [batch, keep - 1]."""
+    labels = batch["labels"]
+    is_target = labels != IGNORE_INDEX
+    first = int(is_target.float().argmax(dim=1).min()) if bool(is_target.any()) else labels.shape[1] - 1
+    keep = labels.shape[1] - first + 1
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, logits_to_keep=min(keep, labels.shape[1])).logits[:, :-1]
+    targets = labels[:, labels.shape[1] - logits.shape[1] :]
+    losses = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
+                                               reduction="none")
+    return losses, targets != IGNORE_INDEX

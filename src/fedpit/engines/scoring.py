@@ -7,9 +7,7 @@ model predict the response, i.e. the pair is a coherent instruction/answer.
 
 from __future__ import annotations
 
-import torch
-
-from fedpit.engines.encoding import IGNORE_INDEX, EncodedPair, collate, encode_pair
+from fedpit.engines.encoding import EncodedPair, collate, encode_pair, target_token_losses
 from fedpit.model import ModelHandle
 from fedpit.prompts import PromptFormat
 from fedpit.types import Example
@@ -27,14 +25,9 @@ def _target_losses(handle: ModelHandle, pairs: list[EncodedPair], batch_size: in
     for first in range(0, len(order), batch_size):
         rows = order[first : first + batch_size]
         batch = collate([pairs[i] for i in rows], handle.tokenizer.pad_token_id, handle.device, left=True)
-        keep = 1 + max(len(pairs[i].input_ids) - pairs[i].num_context for i in rows)
-        labels = batch.pop("labels")[:, -keep + 1 :]
-        logits = handle.model(**batch, logits_to_keep=keep).logits[:, :-1]
-        token_loss = torch.nn.functional.cross_entropy(
-            logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
-        )
-        counts = (labels != IGNORE_INDEX).sum(dim=1).clamp(min=1)
-        for row, value in zip(rows, (token_loss.sum(dim=1) / counts).tolist()):
+        token_loss, is_target = target_token_losses(handle.model, batch)
+        means = token_loss.sum(dim=1) / is_target.sum(dim=1).clamp(min=1)
+        for row, value in zip(rows, means.tolist()):
             results[row] = value
     return results
 

@@ -1,7 +1,9 @@
 """Supervised fine-tuning of the LoRA slot: one plain loop, read top to bottom.
 
 The caller loads the starting adapter into the slot; this loop updates it in place with AdamW on
-the response tokens only (prompt tokens are masked out of the loss). `extra_loss` lets a method
+the response tokens only (prompt tokens are masked out of the loss, and get no logits at all:
+batches are left-padded so the targets end every row, see `target_token_losses`). Batches group
+examples of similar length, so they pad little. `extra_loss` lets a method
 add a term (a FedProx proximal term, a SCAFFOLD correction) without subclassing anything.
 """
 
@@ -14,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fedpit.engines.encoding import collate, encode_pair
+from fedpit.engines.encoding import collate, encode_pair, target_token_losses
 from fedpit.faults import failpoint
 from fedpit.model import ModelHandle
 from fedpit.prompts import PromptFormat
@@ -70,8 +72,9 @@ def train_adapter(
     handle.model.train()
     for _epoch in range(options.epochs):
         for rows in length_grouped_batches([len(p.input_ids) for p in encoded], options.batch_size, generator):
-            batch = collate([encoded[i] for i in rows], handle.tokenizer.pad_token_id, handle.device)
-            loss = handle.model(**batch).loss
+            batch = collate([encoded[i] for i in rows], handle.tokenizer.pad_token_id, handle.device, left=True)
+            token_loss, is_target = target_token_losses(handle.model, batch)
+            loss = token_loss.sum() / is_target.sum().clamp(min=1)  # the mean over the batch's target tokens
             if extra_loss is not None:
                 loss = loss + extra_loss(handle.lora_params)
             loss.backward()
