@@ -17,6 +17,7 @@ def _run(capsys, argv):
     (["--set", "method.name='fedmagic'"], "unknown method 'fedmagic'"),
     (["--set", "model.name='/nonexistent/model-folder'"], "could not load model"),
     (["--set", "data.dir='/nonexistent/data'"], "/nonexistent/data"),
+    (["--set", "model.quantization='3bit'"], "choose one of: none, 8bit, 4bit"),
 ])
 def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, capsys, tiny_overrides, extra, message):
     out = tmp_path / "run-out"
@@ -71,3 +72,15 @@ def test_flower_runtime_refuses_what_it_cannot_run(tmp_path, capsys):
                      "--out", str(tmp_path / "run")])
         assert code == 2 and reason in capsys.readouterr().err
         assert not (tmp_path / "run").exists()
+
+
+def test_quantization_without_a_gpu_names_the_fix(tmp_path, capsys, tiny_overrides, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "run-out"
+    sets = [a for o in tiny_overrides for a in ("--set", o)]
+    code, err = _run(capsys, ["run", "configs/demo.toml", *sets, "--set", "model.quantization='4bit'",
+                              "--out", str(out)])
+    assert code == 2 and "needs a CUDA GPU" in err and "model.quantization='none'" in err
+    assert not out.exists()
