@@ -81,3 +81,34 @@ def test_target_only_logits_give_the_loss_transformers_computes(tiny_model_dir):
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
     for key, grad in reference_grads.items():
         torch.testing.assert_close(handle.lora_params[key].grad, grad, rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_layers_train_fp32_masters_and_state_dicts_stay_fp32(tiny_model_dir, tmp_path):
+    """With a bf16 base the LoRA layers compute in bf16, but what a run stores, uploads and saves is the
+    fp32 master copy: set/get round-trips exactly, training updates the masters and rounds them into
+    the layers, and the saved PEFT adapter is fp32."""
+    from safetensors.torch import load_file
+
+    handle = load_model(ModelConfig(name=str(tiny_model_dir), dtype="bf16"), LoraConfig(rank=4, alpha=8))
+    assert all(p.dtype == torch.bfloat16 for p in handle.lora_params.values())
+    generator = torch.Generator().manual_seed(0)
+    state = {k: v + 1e-3 * torch.randn(v.shape, generator=generator) for k, v in handle.fresh_adapter(0).items()}
+    handle.set_adapter(state)
+    assert all(torch.equal(handle.get_adapter()[k], state[k]) for k in state), "fp32 values must survive set/get"
+
+    fmt = AlpacaFormat()
+    examples = [Example(id=str(i), instruction=f"Name organ {i}", output=f"Organ {i} is the liver.") for i in range(8)]
+    result = train_adapter(handle, fmt, examples, TrainOptions(batch_size=4, learning_rate=1e-5, epochs=2), seed=0)
+    trained = handle.get_adapter()
+    assert result.steps == 4 and all(torch.isfinite(torch.tensor(result.losses)))
+    assert all(t.dtype == torch.float32 for t in trained.values())
+    moved = [k for k in state if not torch.equal(trained[k], state[k])]
+    assert moved, "training should move the masters"
+    # the layers hold the masters rounded to bf16
+    assert all(torch.equal(handle.lora_params[k].float().cpu(), trained[k].to(torch.bfloat16).float()) for k in trained)
+    assert not any(t.requires_grad for t in trained.values())
+
+    handle.save_adapter(trained, tmp_path / "adapter")
+    saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert saved and all(t.dtype == torch.float32 for t in saved.values())
+    assert all(p.dtype == torch.bfloat16 for p in handle.lora_params.values()), "saving must not change the layers"

@@ -62,7 +62,10 @@ def train_adapter(
         for ex in examples
     ]
     params = list(handle.lora_params.values())
-    optimizer = torch.optim.AdamW(params, lr=options.learning_rate, weight_decay=options.weight_decay)
+    # With a bf16 base the LoRA layers compute in bf16 and AdamW updates fp32 master copies
+    # (mixed precision: bf16 would swallow small updates); in fp32 the parameters are the masters.
+    masters = [handle.master[k].requires_grad_(True) for k in handle.lora_params] if handle.master else params
+    optimizer = torch.optim.AdamW(masters, lr=options.learning_rate, weight_decay=options.weight_decay)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # LoRA dropout draws from the global generator
     steps_per_epoch = math.ceil(len(encoded) / options.batch_size)
@@ -78,16 +81,24 @@ def train_adapter(
             if extra_loss is not None:
                 loss = loss + extra_loss(handle.lora_params)
             loss.backward()
+            if masters is not params:
+                for master, param in zip(masters, params):
+                    master.grad, param.grad = (None if param.grad is None else param.grad.float()), None
             if options.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, options.max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(masters, options.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if masters is not params:
+                handle.sync_from_master()
             losses.append(loss.item())
             failpoint("train_step")
             tokens += int(batch["attention_mask"].sum())
             if on_step is not None:
                 on_step(len(losses), total_steps, losses[-1])
     handle.model.eval()
+    if masters is not params:
+        for master in masters:
+            master.requires_grad_(False)
     return TrainResult(
         mean_loss=sum(losses) / len(losses), steps=len(losses), tokens=tokens,
         seconds=time.perf_counter() - start, losses=losses,
