@@ -34,4 +34,4 @@ clean:
 	rm -rf $(VENV) runs .pytest_cache
 
 bench: setup
-	$(BIN)/python benchmarks/bench.py
+	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)

@@ -194,69 +194,93 @@ def peak_rss_of_run(clients: int) -> float:
     return int(line.split()[1]) / 1024
 
 
+SECTIONS = ("generation", "training", "round", "evaluation", "memory")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats and prompts (a rough check)")
+    parser.add_argument("--only", default=",".join(SECTIONS),
+                        help=f"comma-separated sections to measure (of {', '.join(SECTIONS)}); the others keep "
+                             f"their figures from an earlier run in --out, each section stamped with its date")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results.json"))
     args = parser.parse_args()
+    only = [name.strip() for name in args.only.split(",") if name.strip()]
+    unknown = sorted(set(only) - set(SECTIONS))
+    if unknown:
+        parser.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
     repeats, prompts = (1, 8) if args.quick else (3, 32)
     torch.manual_seed(0)
     exp = prepare(config_mod.load(REPO / "configs" / "demo.toml", BASE))
-    results = {"machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                           "python": platform.python_version(), "torch": torch.__version__},
+    out = Path(args.out)
+    earlier = json.loads(out.read_text()) if out.is_file() and set(only) != set(SECTIONS) else {}
+    results = {**earlier, "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                                      "python": platform.python_version(), "torch": torch.__version__},
                "quick": args.quick}
-    def section(name: str, measure) -> None:  # each section is printed and saved as soon as it is measured
-        print(f"{name} ...", flush=True)
-        results[name] = measure()
-        print(json.dumps(results[name], default=str)[:1500], flush=True)
-        Path(args.out).write_text(json.dumps(results, indent=2, default=str))
-
-    section("generation", lambda: bench_generation(exp, repeats, prompts))
-    section("training", lambda: {dtype: bench_training(exp, repeats, dtype) for dtype in ("bf16", "fp32")})
-    section("round", lambda: bench_round(exp))
-    section("evaluation", lambda: bench_eval(exp))
 
     def memory() -> dict:
         two, ten = peak_rss_of_run(2), peak_rss_of_run(10)
         return {"peak_rss_mib_2_clients": two, "peak_rss_mib_10_clients": ten, "ratio": ten / two}
 
-    section("memory", memory)
+    measures = {
+        "generation": lambda: bench_generation(exp, repeats, prompts),
+        "training": lambda: {dtype: bench_training(exp, repeats, dtype) for dtype in ("bf16", "fp32")},
+        "round": lambda: bench_round(exp),
+        "evaluation": lambda: bench_eval(exp),
+        "memory": memory,
+    }
+    for name in SECTIONS:  # each section is printed and saved as soon as it is measured
+        if name not in only:
+            continue
+        print(f"{name} ...", flush=True)
+        results[name] = {**measures[name](), "measured": time.strftime("%Y-%m-%d %H:%M")}
+        print(json.dumps(results[name], default=str)[:1500], flush=True)
+        out.write_text(json.dumps(results, indent=2, default=str))
     results["self_peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    Path(args.out).write_text(json.dumps(results, indent=2, default=str))
+    out.write_text(json.dumps(results, indent=2, default=str))
     print_table(results)
     print(f"results: {args.out}")
 
 
 def print_table(r: dict) -> None:
+    """The table of whatever sections `r` holds (a partial run prints only its own rows)."""
     from rich.console import Console
     from rich.table import Table
 
-    g, t, rd, m = r["generation"], r["training"], r["round"], r["memory"]
     table = Table(title="fedpit benchmarks (ratios are against a baseline measured in the same run)")
     for column in ("measure", "value", "baseline", "ratio", "target"):
         table.add_column(column)
-    gen, base = g["tokens_per_s"], f"{g['tokens_per_s']['generate_one_at_a_time']['median']:.1f} one at a time"
-    for name, label, target in (("fedpit", "ours", ">= 6x"), ("fedpit_unmerged", "ours, LoRA unmerged", ""),
-                                ("generate_batched", "generate, batches of 32", "reference")):
-        table.add_row(f"generation new tokens/s ({label})", f"{gen[name]['median']:.1f}", base,
-                      f"{g['speedup_vs_one_at_a_time'][name]:.2f}x", target)
-    table.add_row("generation prefill share", f"{g['prefill_share']:.1%}", "", "", "")
-    for dtype, res in t.items():
+    if "generation" in r:
+        g = r["generation"]
+        gen, base = g["tokens_per_s"], f"{g['tokens_per_s']['generate_one_at_a_time']['median']:.1f} one at a time"
+        for name, label, target in (("fedpit", "ours", ">= 6x"), ("fedpit_unmerged", "ours, LoRA unmerged", ""),
+                                    ("generate_batched", "generate, batches of 32", "reference")):
+            table.add_row(f"generation new tokens/s ({label})", f"{gen[name]['median']:.1f}", base,
+                          f"{g['speedup_vs_one_at_a_time'][name]:.2f}x", target)
+        table.add_row("generation prefill share", f"{g['prefill_share']:.1%}", "", "", "")
+    for dtype, res in r.get("training", {}).items():
+        if dtype == "measured":
+            continue
         table.add_row(f"training tokens/s ({dtype})", f"{res['tokens_per_s']['fedpit']['median']:.0f}",
                       f"{res['tokens_per_s']['plain_peft_loop']['median']:.0f} plain peft loop",
                       f"{res['ratio']:.2f}x", ">= 1.0x")
-    table.add_row("client round seconds FedPIT / FedAvg", f"{rd['fedpit_seconds']:.1f}", f"{rd['fedavg_seconds']:.1f}",
-                  f"{rd['ratio']:.2f}x", "<= 2.5x")
-    table.add_row("peak RSS MiB 10 clients / 2 clients", f"{m['peak_rss_mib_10_clients']:.0f}",
-                  f"{m['peak_rss_mib_2_clients']:.0f}", f"{m['ratio']:.2f}x", "<= 1.15x")
-    up = rd["upload_bytes"]
-    table.add_row("upload bytes per client per round", f"{up['bf16'] / 1e6:.1f} MB bf16",
-                  f"{up['fp32'] / 1e6:.1f} MB fp32",
-                  f"{up['bf16'] / up['fp32']:.2f}x", "")
-    table.add_row("evaluation generated tokens/s", f"{r['evaluation']['generated_tokens_per_s']:.1f}", "", "", "")
+    if "round" in r:
+        rd = r["round"]
+        table.add_row("client round seconds FedPIT / FedAvg", f"{rd['fedpit_seconds']:.1f}",
+                      f"{rd['fedavg_seconds']:.1f}", f"{rd['ratio']:.2f}x", "<= 2.5x")
+        up = rd["upload_bytes"]
+        table.add_row("upload bytes per client per round", f"{up['bf16'] / 1e6:.1f} MB bf16",
+                      f"{up['fp32'] / 1e6:.1f} MB fp32", f"{up['bf16'] / up['fp32']:.2f}x", "")
+    if "memory" in r:
+        m = r["memory"]
+        table.add_row("peak RSS MiB 10 clients / 2 clients", f"{m['peak_rss_mib_10_clients']:.0f}",
+                      f"{m['peak_rss_mib_2_clients']:.0f}", f"{m['ratio']:.2f}x", "<= 1.15x")
+    if "evaluation" in r:
+        table.add_row("evaluation generated tokens/s", f"{r['evaluation']['generated_tokens_per_s']:.1f}", "", "", "")
     Console().print(table)
-    phases = ", ".join(f"{k} {v:.1f}s" for k, v in rd["fedpit_phases"].items())
-    Console().print(f"FedPIT client round by phase: {phases}")
+    if "round" in r:
+        phases = ", ".join(f"{k} {v:.1f}s" for k, v in r["round"]["fedpit_phases"].items())
+        Console().print(f"FedPIT client round by phase: {phases}")
 
 
 if __name__ == "__main__":
