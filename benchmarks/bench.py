@@ -106,6 +106,22 @@ def bench_generation(exp, repeats: int, num_prompts: int) -> dict:
     }
 
 
+def plain_peft_model(cfg):
+    """The baseline: the same base and LoRA settings through `get_peft_model` with peft's defaults
+    (adapter weights upcast to fp32), trained by the textbook loop below."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from fedpit.model import resolve_dtype, resolve_model_path
+
+    base = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.model.name, cfg.model.cache_dir),
+                                                dtype=resolve_dtype(cfg.model.dtype, torch.device("cpu")))
+    lora = PeftLoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                          target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(base, lora)
+
+
 def bench_training(exp, repeats: int, dtype_name: str) -> dict:
     cfg = config_mod.replace(exp.config, **{"model.dtype": dtype_name})
     handle = load_model(cfg.model, cfg.lora, seed=0)
@@ -120,14 +136,19 @@ def bench_training(exp, repeats: int, dtype_name: str) -> dict:
         handle.set_adapter(start)
         train_adapter(handle, exp.fmt, examples, options, seed=0)
 
+    plain_model = plain_peft_model(cfg)  # peft's defaults, as a plain script would have them
+
     def plain():
-        handle.set_adapter(start)
-        params = [p for p in handle.model.parameters() if p.requires_grad]
+        with torch.no_grad():
+            for name, param in plain_model.named_parameters():
+                if param.requires_grad:
+                    param.copy_(start[name.replace(".default.", ".")])
+        params = [p for p in plain_model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-4)
-        handle.model.train()
+        plain_model.train()
         for first in range(0, len(encoded), 8):
             batch = collate(encoded[first : first + 8], handle.tokenizer.pad_token_id, handle.device)
-            handle.model(**batch).loss.backward()
+            plain_model(**batch).loss.backward()
             optimizer.step()
             optimizer.zero_grad()
 
