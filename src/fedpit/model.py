@@ -178,7 +178,7 @@ class ModelHandle:
         Every LoRA layer is swapped for a plain linear layer holding W + B·A·scale for the duration, and
         the LoRA layers (base weights untouched) are put back afterwards, so the swap is exact and
         reversible, unlike peft's merge/unmerge, which re-rounds the base weights in bf16 every time.
-        Without the extra LoRA matmuls and wrappers decoding is ~1.6x faster on CPU (`make bench`).
+        Without the extra LoRA matmuls and wrappers decoding is ~1.4x faster on CPU (`make bench`).
         The merged copy of the targeted weights lives only inside the block. Quantised base layers
         (bitsandbytes) cannot be merged and run unmerged. Re-entrant: an inner block is a no-op.
         """
