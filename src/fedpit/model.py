@@ -190,8 +190,10 @@ class ModelHandle:
         swapped = []
         try:
             with torch.no_grad():
-                for parent, attr, layer in _lora_layers(self.model):
-                    merged = _merged_linear(layer)
+                for name, parent, attr, layer in _lora_layers(self.model):
+                    # B·A from the fp32 masters where the layers hold a bf16 copy: one rounding, not two
+                    factors = [self.master.get(f"{name}.lora_{x}.weight") for x in "AB"] if self.master else None
+                    merged = _merged_linear(layer, *(factors or (None, None)))
                     if merged is not None:
                         setattr(parent, attr, merged)
                         swapped.append((parent, attr, layer))
@@ -220,27 +222,32 @@ class ModelHandle:
                 param.data = rounded[key]
 
 
-def _lora_layers(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
+def _lora_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, str, torch.nn.Module]]:
+    """(name as in `lora_params` keys, parent module, attribute, layer) of every LoRA layer in the slot."""
     from peft.tuners.lora import LoraLayer
 
     found = []
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer) and ADAPTER_NAME in module.lora_A:
             parent_name, _, attr = name.rpartition(".")
-            found.append((model.get_submodule(parent_name), attr, module))
+            found.append((name, model.get_submodule(parent_name), attr, module))
     return found
 
 
-def _merged_linear(layer: torch.nn.Module) -> torch.nn.Linear | None:
-    """A plain `nn.Linear` computing what `layer` (a peft LoRA linear in eval mode) computes; None when
-    its base is not a plain linear layer (quantised, convolution) or uses DoRA, so no exact merge exists."""
+def _merged_linear(layer: torch.nn.Module, a: torch.Tensor | None = None,
+                   b: torch.Tensor | None = None) -> torch.nn.Linear | None:
+    """A plain `nn.Linear` computing what `layer` (a peft LoRA linear in eval mode) computes, with
+    LoRA factors `a`, `b` (default: the layer's own); None when its base is not a plain linear layer
+    (quantised, convolution) or uses DoRA, so no exact merge exists. peft's `get_delta_weight` would
+    compute B·A in the layer's dtype; here it is fp32 and rounded once, into W's dtype."""
     base = layer.base_layer
     if type(base) is not torch.nn.Linear or layer.disable_adapters or getattr(layer, "merged", False) \
             or layer.use_dora.get(ADAPTER_NAME, False):
         return None
     weight = base.weight
-    a, b = layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight
-    delta = (b.float() @ a.float()) * layer.scaling[ADAPTER_NAME]  # in fp32: one rounding, into W's dtype
+    a = layer.lora_A[ADAPTER_NAME].weight if a is None else a
+    b = layer.lora_B[ADAPTER_NAME].weight if b is None else b
+    delta = (b.float() @ a.float()) * layer.scaling[ADAPTER_NAME]
     merged = torch.nn.Linear(base.in_features, base.out_features, bias=False, device="meta")
     merged.weight = torch.nn.Parameter((weight.float() + delta).to(weight.dtype), requires_grad=False)
     merged.bias = base.bias

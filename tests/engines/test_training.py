@@ -108,6 +108,14 @@ def test_bf16_layers_train_fp32_masters_and_state_dicts_stay_fp32(tiny_model_dir
     assert all(torch.equal(handle.lora_params[k].float().cpu(), trained[k].to(torch.bfloat16).float()) for k in trained)
     assert not any(t.requires_grad for t in trained.values())
 
+    # merged inference takes B·A from the fp32 masters, not from the bf16 copies in the layers
+    layer = handle.model.get_submodule("base_model.model.model.layers.0.self_attn.q_proj")
+    key = "base_model.model.model.layers.0.self_attn.q_proj"
+    expected = (layer.base_layer.weight.float() + (trained[f"{key}.lora_B.weight"] @ trained[f"{key}.lora_A.weight"])
+                * layer.scaling["default"]).to(torch.bfloat16)
+    with handle.inference():
+        assert torch.equal(handle.model.get_submodule(key).weight, expected)
+
     handle.save_adapter(trained, tmp_path / "adapter")
     saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     assert saved and all(t.dtype == torch.float32 for t in saved.values())

@@ -73,32 +73,34 @@ def train_adapter(
     losses: list[float] = []
     tokens = 0
     handle.model.train()
-    for _epoch in range(options.epochs):
-        for rows in length_grouped_batches([len(p.input_ids) for p in encoded], options.batch_size, generator):
-            batch = collate([encoded[i] for i in rows], handle.tokenizer.pad_token_id, handle.device, left=True)
-            token_loss, is_target = target_token_losses(handle.model, batch)
-            loss = token_loss.sum() / is_target.sum().clamp(min=1)  # the mean over the batch's target tokens
-            if extra_loss is not None:
-                loss = loss + extra_loss(handle.lora_params)
-            loss.backward()
-            if masters is not params:
-                for master, param in zip(masters, params):
-                    master.grad, param.grad = (None if param.grad is None else param.grad.float()), None
-            if options.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(masters, options.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if masters is not params:
-                handle.sync_from_master()
-            losses.append(loss.item())
-            failpoint("train_step")
-            tokens += int(batch["attention_mask"].sum())
-            if on_step is not None:
-                on_step(len(losses), total_steps, losses[-1])
-    handle.model.eval()
-    if masters is not params:
-        for master in masters:
-            master.requires_grad_(False)
+    try:
+        for _epoch in range(options.epochs):
+            for rows in length_grouped_batches([len(p.input_ids) for p in encoded], options.batch_size, generator):
+                batch = collate([encoded[i] for i in rows], handle.tokenizer.pad_token_id, handle.device, left=True)
+                token_loss, is_target = target_token_losses(handle.model, batch)
+                loss = token_loss.sum() / is_target.sum().clamp(min=1)  # the mean over the batch's target tokens
+                if extra_loss is not None:
+                    loss = loss + extra_loss(handle.lora_params)
+                loss.backward()
+                if masters is not params:
+                    for master, param in zip(masters, params):
+                        master.grad, param.grad = (None if param.grad is None else param.grad.float()), None
+                if options.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(masters, options.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if masters is not params:
+                    handle.sync_from_master()
+                losses.append(loss.item())
+                failpoint("train_step")
+                tokens += int(batch["attention_mask"].sum())
+                if on_step is not None:
+                    on_step(len(losses), total_steps, losses[-1])
+    finally:  # also when a step fails: back to inference mode, masters back to plain tensors
+        handle.model.eval()
+        if masters is not params:
+            for master in masters:
+                master.requires_grad_(False)
     return TrainResult(
         mean_loss=sum(losses) / len(losses), steps=len(losses), tokens=tokens,
         seconds=time.perf_counter() - start, losses=losses,
