@@ -23,9 +23,10 @@ import time
 from pathlib import Path
 
 import torch
+from baselines import count_tokens, plain_peft_model, plain_training_loop, timed
 
 from fedpit import config as config_mod
-from fedpit.engines.encoding import collate, encode_pair
+from fedpit.engines.encoding import encode_pair
 from fedpit.engines.generation import DecodingOptions, generate
 from fedpit.engines.training import TrainOptions, train_adapter
 from fedpit.methods import ClientContext, build_method
@@ -39,18 +40,8 @@ BASE = ["data.fewshot.total=48", "data.fewshot.num_clusters=8", "data.fewshot.po
         "eval.sets=['medquad']", "eval.num_examples=16", "model.max_length=384", "data.max_response_tokens=96"]
 
 
-def timed(fn):
-    start = time.perf_counter()
-    result = fn()
-    return time.perf_counter() - start, result
-
-
 def median_spread(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
-
-
-def count_tokens(tokenizer, texts: list[str]) -> int:
-    return sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
 
 
 def bench_generation(exp, repeats: int, num_prompts: int) -> dict:
@@ -106,22 +97,6 @@ def bench_generation(exp, repeats: int, num_prompts: int) -> dict:
     }
 
 
-def plain_peft_model(cfg):
-    """The baseline: the same base and LoRA settings through `get_peft_model` with peft's defaults
-    (adapter weights upcast to fp32), trained by the textbook loop below."""
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from fedpit.model import resolve_dtype, resolve_model_path
-
-    base = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.model.name, cfg.model.cache_dir),
-                                                dtype=resolve_dtype(cfg.model.dtype, torch.device("cpu")))
-    lora = PeftLoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                          target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM")
-    return get_peft_model(base, lora)
-
-
 def bench_training(exp, repeats: int, dtype_name: str) -> dict:
     cfg = config_mod.replace(exp.config, **{"model.dtype": dtype_name})
     handle = load_model(cfg.model, cfg.lora, seed=0)
@@ -136,21 +111,10 @@ def bench_training(exp, repeats: int, dtype_name: str) -> dict:
         handle.set_adapter(start)
         train_adapter(handle, exp.fmt, examples, options, seed=0)
 
-    plain_model = plain_peft_model(cfg)  # peft's defaults, as a plain script would have them
+    plain_model = plain_peft_model(cfg.model, cfg.lora, handle.device)
 
     def plain():
-        with torch.no_grad():
-            for name, param in plain_model.named_parameters():
-                if param.requires_grad:
-                    param.copy_(start[name.replace(".default.", ".")])
-        params = [p for p in plain_model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=1e-4)
-        plain_model.train()
-        for first in range(0, len(encoded), 8):
-            batch = collate(encoded[first : first + 8], handle.tokenizer.pad_token_id, handle.device)
-            plain_model(**batch).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
+        plain_training_loop(plain_model, start, encoded, handle.tokenizer.pad_token_id)
 
     variants = {"fedpit": ours, "plain_peft_loop": plain}
     for fn in variants.values():  # warm-up: the first step of each batch shape pays for kernel selection

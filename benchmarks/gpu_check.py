@@ -17,13 +17,13 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from baselines import count_tokens, plain_peft_model, plain_training_loop, timed
 
 from fedpit.config import LoraConfig, ModelConfig
-from fedpit.engines.encoding import collate, encode_pair
+from fedpit.engines.encoding import encode_pair
 from fedpit.engines.generation import DecodingOptions, generate
 from fedpit.engines.scoring import ifs_scores
 from fedpit.engines.training import TrainOptions, train_adapter
@@ -50,22 +50,8 @@ def synthetic_examples(count: int) -> list[Example]:
 CUDA = torch.cuda.is_available()
 
 
-def timed(fn):
-    if CUDA:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    result = fn()
-    if CUDA:
-        torch.cuda.synchronize()
-    return time.perf_counter() - start, result
-
-
 def gpu_mib(measure) -> float | None:
     return measure() / 2**20 if CUDA else None
-
-
-def count_tokens(tokenizer, texts: list[str]) -> int:
-    return sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
 
 
 def check_variant(path: str, dtype: str, quantization: str, prompts: list[str], examples: list[Example]) -> dict:
@@ -100,16 +86,10 @@ def check_variant(path: str, dtype: str, quantization: str, prompts: list[str], 
         handle.set_adapter(start)
         return train_adapter(handle, fmt, examples, train_options, seed=0)
 
+    plain_model = plain_peft_model(handle.model_config, handle.lora_config, handle.device)
+
     def plain_train():
-        handle.set_adapter(start)
-        params = [p for p in handle.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=1e-4)
-        handle.model.train()
-        for first in range(0, len(encoded), 8):
-            batch = collate(encoded[first : first + 8], handle.tokenizer.pad_token_id, handle.device)
-            handle.model(**batch).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
+        plain_training_loop(plain_model, start, encoded, handle.tokenizer.pad_token_id)
 
     ours_train(), plain_train()  # warm-up
     rates = {"fedpit": [], "plain_peft_loop": []}

@@ -263,7 +263,7 @@ def load_model(model_config: ModelConfig, lora_config: LoraConfig, seed: int = 0
         torch.set_num_threads(model_config.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(model_config.dtype, device)
-    quantized = _quantization_kwargs(model_config.quantization, device, dtype)
+    quantized = quantization_kwargs(model_config.quantization, device, dtype)
     path = resolve_model_path(model_config.name, model_config.cache_dir)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_config.trust_remote_code)
@@ -304,7 +304,7 @@ def load_model(model_config: ModelConfig, lora_config: LoraConfig, seed: int = 0
                        merge_for_inference=model_config.merge_for_inference)
 
 
-def _quantization_kwargs(mode: str, device: torch.device, dtype: torch.dtype) -> dict:
+def quantization_kwargs(mode: str, device: torch.device, dtype: torch.dtype) -> dict:
     """`from_pretrained` arguments for a bitsandbytes 8-bit or 4-bit (NF4) base, the paper's int8
     setting for 7B models; LoRA weights and their training stay in `dtype`."""
     if mode == "none":

@@ -4,7 +4,8 @@ transformers' `DynamicLayer` appends each step's keys and values with `torch.cat
 whole cache every step: on 2 CPU cores that was a third of the decode time for 300-token prompts
 (`make bench`). Here each layer's cache is allocated once for the prompt plus the token budget, a
 step writes one slice, and attention reads a view of the filled part. Dropping finished rows
-(`batch_select_indices`) is the only copy, once per row rather than once per step.
+(`batch_select_indices`) is the only copy, once per row rather than once per step. transformers'
+`StaticCache` also avoids the copies but makes every step attend over the whole allocated length.
 """
 
 from __future__ import annotations
