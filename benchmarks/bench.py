@@ -26,7 +26,7 @@ import torch
 from baselines import count_tokens, plain_peft_model, plain_training_loop, timed
 
 from fedpit import config as config_mod
-from fedpit.engines.encoding import encode_pair
+from fedpit.engines.encoding import encode_pair, last_positions
 from fedpit.engines.generation import DecodingOptions, generate
 from fedpit.engines.training import TrainOptions, train_adapter
 from fedpit.methods import ClientContext, build_method
@@ -86,7 +86,8 @@ def bench_generation(exp, repeats: int, num_prompts: int) -> dict:
     batch = handle.tokenizer.pad({"input_ids": [handle.tokenizer(p)["input_ids"] for p in prompts]},
                                  return_tensors="pt")
     with handle.inference():
-        prefill, _ = timed(lambda: handle.model(**batch, logits_to_keep=1))
+        prefill, _ = timed(lambda: handle.model(
+            **batch, logits_to_keep=last_positions(batch["input_ids"].shape[1], 1, handle.device)))
     total, _ = timed(variants["fedpit"])
     base = statistics.median(rates["generate_one_at_a_time"])
     return {

@@ -24,6 +24,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from fedpit.engines.encoding import last_positions
 from fedpit.engines.kvcache import preallocated_cache
 from fedpit.faults import failpoint
 from fedpit.model import ModelHandle
@@ -110,7 +111,8 @@ def _decode_loop(handle: ModelHandle, input_ids: torch.Tensor, attention_mask: t
     cache = preallocated_cache(handle.model.config, input_ids.shape[1] + options.max_new_tokens)
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     out = handle.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                       past_key_values=cache, use_cache=True, logits_to_keep=1)
+                       past_key_values=cache, use_cache=True,
+                       logits_to_keep=last_positions(input_ids.shape[1], 1, input_ids.device))
     alive = torch.arange(input_ids.shape[0], device=input_ids.device)
     sequences, mask, next_position = input_ids, attention_mask, positions[:, -1] + 1
     generated: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
