@@ -16,6 +16,16 @@ def test_rouge_l_matches_rouge_score_package():
         assert abs(rouge_l(a, b) - scorer.score(a, b)["rougeL"].fmeasure) < 1e-9
 
 
+def test_rouge_l_matches_rouge_score_package_on_long_texts():
+    """Responses run to hundreds of words: longer than one machine word of the bit-parallel LCS."""
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    rng = random.Random(2)
+    for _ in range(30):
+        a = " ".join(rng.choices(WORDS, k=rng.randint(60, 300)))
+        b = " ".join(rng.choices(WORDS, k=rng.randint(60, 300)))
+        assert abs(rouge_l(a, b) - scorer.score(a, b)["rougeL"].fmeasure) < 1e-9
+
+
 def test_max_rouge_l_is_exact_despite_pruning():
     rng = random.Random(1)
     refs = [" ".join(rng.choices(WORDS, k=15)) for _ in range(30)]

@@ -1,8 +1,10 @@
 """ROUGE-L between texts, fast enough to compare every candidate with every private example.
 
-Tokenisation is rouge-score's (so numbers match the standard package); the LCS is computed here
-with a cheap upper bound first: LCS <= multiset overlap, so most pairs that cannot exceed a
-threshold are rejected without filling a dynamic-programming table.
+Tokenisation is rouge-score's (so numbers match the standard package). The longest common
+subsequence comes from rapidfuzz's bit-parallel LCS over token sequences: rouge-score's
+pure-Python table took a second of every FedPIT round's self-generation (about 500 comparisons of
+a 100-word response with a private example), rapidfuzz takes milliseconds. A cheap upper bound
+(LCS <= multiset overlap) still skips pairs that cannot beat the best so far.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from collections import Counter
 from functools import lru_cache
 
+from rapidfuzz.distance import LCSseq
 from rouge_score.tokenizers import DefaultTokenizer
 
 _TOKENIZER = DefaultTokenizer(use_stemmer=False)
@@ -21,15 +24,7 @@ def tokens(text: str) -> tuple[str, ...]:
 
 
 def _lcs_length(a: tuple[str, ...], b: tuple[str, ...]) -> int:
-    if len(a) < len(b):
-        a, b = b, a
-    previous = [0] * (len(b) + 1)
-    for x in a:
-        current = [0]
-        for j, y in enumerate(b, start=1):
-            current.append(previous[j - 1] + 1 if x == y else max(previous[j], current[j - 1]))
-        previous = current
-    return previous[-1]
+    return int(LCSseq.similarity(a, b))
 
 
 def _f_measure(overlap: int, len_a: int, len_b: int) -> float:
