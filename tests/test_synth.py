@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import replace
 
 import pytest
@@ -36,11 +37,35 @@ class ScriptedGenerator:
         return [self.respond(p, self.response_calls) for p in prompts]
 
 
+class NoModel:
+    """Stands in for the ModelHandle: counts adapter merges and whether generation runs inside one."""
+
+    def __init__(self):
+        self.merges = 0
+        self.merged = False
+
+    @contextmanager
+    def inference(self):
+        self.merges += 1
+        self.merged = True
+        try:
+            yield
+        finally:
+            self.merged = False
+
+
 def _run(monkeypatch, instructions, respond, config=None):
     config = config or replace(CONFIG, max_instructions=len(instructions), batch_size=len(instructions))
     generator = ScriptedGenerator(instructions, respond)
-    monkeypatch.setattr(synth, "generate", generator)
-    outcome = synth.self_generate(None, AlpacaFormat(), PRIVATE, config, seed=0, round_num=1, client="c")
+    handle = NoModel()
+
+    def generate(model, *args, **kwargs):
+        assert model.merged, "generation must run inside the round's single inference() block"
+        return generator(model, *args, **kwargs)
+
+    monkeypatch.setattr(synth, "generate", generate)
+    outcome = synth.self_generate(handle, AlpacaFormat(), PRIVATE, config, seed=0, round_num=1, client="c")
+    assert handle.merges == 1
     return outcome, generator
 
 
@@ -115,7 +140,7 @@ def test_fewer_than_eight_examples_uses_all(monkeypatch):
     config = replace(CONFIG, max_instructions=1, batch_size=1)
     generator = ScriptedGenerator(["How is a sprained ankle treated at home?"], lambda p, n: GOOD_ANSWER)
     monkeypatch.setattr(synth, "generate", generator)
-    outcome = synth.self_generate(None, AlpacaFormat(), PRIVATE[:5], config, seed=0, round_num=1, client="c")
+    outcome = synth.self_generate(NoModel(), AlpacaFormat(), PRIVATE[:5], config, seed=0, round_num=1, client="c")
     assert len(outcome.samples[0].instruction_demo_ids) == 5
 
 

@@ -89,7 +89,15 @@ def self_generate(
     client: str,
     on_progress: Progress | None = None,
 ) -> SynthOutcome:
-    """Generate until `num_candidates` samples pass the filters or `max_instructions` are spent."""
+    """Generate until `num_candidates` samples pass the filters or `max_instructions` are spent.
+    The adapter is merged once for every generation call of the round (see `ModelHandle.inference`)."""
+    with handle.inference():
+        return _self_generate(handle, fmt, private, config, seed=seed, round_num=round_num, client=client,
+                              on_progress=on_progress)
+
+
+def _self_generate(handle: ModelHandle, fmt: PromptFormat, private: list[Example], config: SynthConfig, *,
+                   seed: int, round_num: int, client: str, on_progress: Progress | None) -> SynthOutcome:
     rng = random.Random(seed)
     decoding = dict(do_sample=config.decoding == "sample", temperature=config.temperature, top_p=config.top_p,
                     repetition_penalty=config.repetition_penalty)

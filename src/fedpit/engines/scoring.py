@@ -40,7 +40,8 @@ def reference_nll(handle: ModelHandle, fmt: PromptFormat, examples: list[Example
 
 def ifs_scores(handle: ModelHandle, fmt: PromptFormat, examples: list[Example],
                max_length: int, batch_size: int = 16) -> list[float]:
-    conditional = reference_nll(handle, fmt, examples, max_length, batch_size)
-    alone = target_losses(handle, [encode_pair(handle.tokenizer, None, e.output, max_length) for e in examples],
-                          batch_size)
+    with handle.inference():  # one adapter merge for both passes (each costs ~0.1 s on SmolLM2)
+        conditional = reference_nll(handle, fmt, examples, max_length, batch_size)
+        alone = target_losses(handle, [encode_pair(handle.tokenizer, None, e.output, max_length) for e in examples],
+                              batch_size)
     return [c / a if a > 0 else float("inf") for c, a in zip(conditional, alone)]
