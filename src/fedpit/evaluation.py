@@ -78,7 +78,8 @@ def evaluate(
 ) -> dict[str, dict[str, float]]:
     handle.set_adapter(adapter)
     results = {}
-    for name, examples in eval_sets.items():
-        callback = (lambda d, t, n=name: on_progress(f"eval {n}", d, t)) if on_progress else None
-        results[name], _ = evaluate_set(handle, fmt, examples, options, callback)
+    with handle.inference():  # one adapter merge for every set's generation and scoring
+        for name, examples in eval_sets.items():
+            callback = (lambda d, t, n=name: on_progress(f"eval {n}", d, t)) if on_progress else None
+            results[name], _ = evaluate_set(handle, fmt, examples, options, callback)
     return results
