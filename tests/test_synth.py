@@ -28,12 +28,14 @@ class ScriptedGenerator:
         self.instructions = list(instructions)
         self.respond = respond
         self.response_calls = 0
+        self.response_rows: list[int] = []
 
     def __call__(self, handle, prompts, options, batch_size=16, seed=None, on_batch=None):
         if prompts[0].startswith("Come up with a series of tasks"):
             out, self.instructions = self.instructions[: len(prompts)], self.instructions[len(prompts):]
             return out + [""] * (len(prompts) - len(out))
         self.response_calls += 1
+        self.response_rows.append(len(prompts))
         return [self.respond(p, self.response_calls) for p in prompts]
 
 
@@ -134,6 +136,36 @@ def test_budget_stops_generation(monkeypatch):
                       lambda p, n: f"{GOOD_ANSWER} Variant {next(answers)}.", config)
     assert outcome.generated_instructions == 4
     assert len(outcome.samples) <= 4
+
+
+INSTRUCTIONS = [f"How is {topic} usually treated?" for topic in (
+    "a sprained ankle at home", "iron deficiency in pregnancy", "chronic lower back pain", "seasonal hay fever",
+    "mild dehydration in toddlers", "tension headache after work", "athlete's foot", "a first-degree burn",
+    "motion sickness on boats", "insomnia in shift workers")]
+
+
+def test_responses_only_for_the_candidates_still_needed(monkeypatch):
+    config = replace(CONFIG, num_candidates=3, max_instructions=10, batch_size=10)
+    answers = iter(range(1000))
+    outcome, generator = _run(monkeypatch, INSTRUCTIONS, lambda p, n: f"{GOOD_ANSWER} Variant {next(answers)}.",
+                              config)
+    assert len(outcome.samples) == 3 and generator.response_rows == [3]
+    assert outcome.counts()["unused"] == 7
+    assert [s.instruction for s in outcome.samples] == INSTRUCTIONS[:3]
+
+
+def test_filtered_responses_are_made_up_from_waiting_instructions(monkeypatch):
+    config = replace(CONFIG, num_candidates=3, max_instructions=10, batch_size=10)
+
+    def respond(prompt, call):  # the first instruction's answer copies a private example
+        if _instruction_of(prompt) == INSTRUCTIONS[0]:
+            return PRIVATE[3].output
+        return f"{GOOD_ANSWER} About {_instruction_of(prompt)}."
+
+    outcome, generator = _run(monkeypatch, INSTRUCTIONS, respond, config)
+    assert generator.response_rows == [3, 1]  # one more response for the one that was dropped
+    assert [s.instruction for s in outcome.samples] == INSTRUCTIONS[1:4]
+    assert outcome.filtered["copies_private"] == 1 and outcome.counts()["unused"] == 6
 
 
 def test_fewer_than_eight_examples_uses_all(monkeypatch):

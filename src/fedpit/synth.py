@@ -72,9 +72,12 @@ class SynthOutcome:
     samples: list[SyntheticSample]
     generated_instructions: int
     filtered: Counter = field(default_factory=Counter)
+    unused_instructions: int = 0
+    """Instructions that passed the filters but were not needed: `num_candidates` samples were reached."""
 
     def counts(self) -> dict[str, int]:
         return {"generated": self.generated_instructions, "passed": len(self.samples),
+                "unused": self.unused_instructions,
                 **{f"filtered_{r}": self.filtered.get(r, 0) for r in FILTER_REASONS}}
 
 
@@ -109,30 +112,41 @@ def _self_generate(handle: ModelHandle, fmt: PromptFormat, private: list[Example
     local_outputs = [e.output for e in private]
     outcome = SynthOutcome(samples=[], generated_instructions=0)
     accepted_instructions: list[str] = []
+    pending: list[tuple[str, list[str]]] = []  # accepted instructions still waiting for a response
     gen_seed = seed
-    while len(outcome.samples) < config.num_candidates and outcome.generated_instructions < config.max_instructions:
-        want = min(config.batch_size, config.max_instructions - outcome.generated_instructions)
-        draws = [rng.sample(range(len(private)), min(config.num_instruction_demos, len(private))) for _ in range(want)]
-        prompts = [instruction_prompt([local_instructions[i] for i in d]) for d in draws]
+    while len(outcome.samples) < config.num_candidates:
+        if not pending:
+            if outcome.generated_instructions >= config.max_instructions:
+                break
+            want = min(config.batch_size, config.max_instructions - outcome.generated_instructions)
+            draws = [rng.sample(range(len(private)), min(config.num_instruction_demos, len(private)))
+                     for _ in range(want)]
+            prompts = [instruction_prompt([local_instructions[i] for i in d]) for d in draws]
+            gen_seed += 1
+            raw = generate(handle, prompts, instr_opts, batch_size=config.batch_size, seed=gen_seed)
+            outcome.generated_instructions += len(raw)
+            for text, draw in zip(raw, draws):
+                instruction = text.strip().strip('"').strip()
+                problem = _format_problem(instruction, config.min_instruction_words, fmt.markers,
+                                          config.max_repetition)
+                if problem:
+                    outcome.filtered[f"instruction_{problem}"] += 1
+                elif max_rouge_l(instruction, local_instructions, config.rouge_threshold) > config.rouge_threshold:
+                    outcome.filtered["instruction_similar_to_private"] += 1
+                elif max_rouge_l(instruction, accepted_instructions, config.rouge_threshold) > config.rouge_threshold:
+                    outcome.filtered["instruction_duplicate"] += 1
+                else:
+                    accepted_instructions.append(instruction)
+                    pending.append((instruction, [private[i].id for i in draw]))
+            continue
+        # Responses only for the instructions still needed: writing a response costs about ten times
+        # an instruction, and every response beyond `num_candidates` used to be thrown away (a third
+        # of them in the demo). Rows that fail a filter are made up from `pending` on the next pass.
+        need = config.num_candidates - len(outcome.samples)
+        batch, pending = pending[:need], pending[need:]
         gen_seed += 1
-        raw = generate(handle, prompts, instr_opts, batch_size=config.batch_size, seed=gen_seed)
-        outcome.generated_instructions += len(raw)
-        pending: list[tuple[str, list[str]]] = []
-        for text, draw in zip(raw, draws):
-            instruction = text.strip().strip('"').strip()
-            problem = _format_problem(instruction, config.min_instruction_words, fmt.markers, config.max_repetition)
-            if problem:
-                outcome.filtered[f"instruction_{problem}"] += 1
-            elif max_rouge_l(instruction, local_instructions, config.rouge_threshold) > config.rouge_threshold:
-                outcome.filtered["instruction_similar_to_private"] += 1
-            elif max_rouge_l(instruction, accepted_instructions, config.rouge_threshold) > config.rouge_threshold:
-                outcome.filtered["instruction_duplicate"] += 1
-            else:
-                accepted_instructions.append(instruction)
-                pending.append((instruction, [private[i].id for i in draw]))
-        gen_seed += 1
-        responses = _respond_with_redraws(handle, fmt, private, pending, config, resp_opts, rng, gen_seed)
-        for (instruction, instr_demo_ids), (response, resp_demo_ids, attempts) in zip(pending, responses):
+        responses = _respond_with_redraws(handle, fmt, private, batch, config, resp_opts, rng, gen_seed)
+        for (instruction, instr_demo_ids), (response, resp_demo_ids, attempts) in zip(batch, responses):
             if response is None:
                 outcome.filtered["response_format"] += 1
                 continue
@@ -141,14 +155,14 @@ def _self_generate(handle: ModelHandle, fmt: PromptFormat, private: list[Example
             if overlap > config.rouge_threshold:
                 outcome.filtered["copies_private"] += 1
                 continue
-            if len(outcome.samples) < config.num_candidates:
-                outcome.samples.append(SyntheticSample(
-                    instruction=instruction, output=response, round=round_num, client=client,
-                    instruction_demo_ids=instr_demo_ids, response_demo_ids=resp_demo_ids,
-                    attempts=attempts, max_rouge_vs_private=round(overlap, 4),
-                ))
+            outcome.samples.append(SyntheticSample(
+                instruction=instruction, output=response, round=round_num, client=client,
+                instruction_demo_ids=instr_demo_ids, response_demo_ids=resp_demo_ids,
+                attempts=attempts, max_rouge_vs_private=round(overlap, 4),
+            ))
         if on_progress is not None:
             on_progress(len(outcome.samples), config.num_candidates)
+    outcome.unused_instructions = len(pending)
     return outcome
 
 
