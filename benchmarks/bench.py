@@ -6,7 +6,8 @@ run (interleaved, repeated; median and spread), on the embedded SmolLM2 and real
 Sections: generation (our decode loop vs one-prompt-at-a-time and batched `model.generate`),
 training (our loop vs a plain PyTorch + peft loop), round cost (FedPIT client round / FedAvg client
 round), memory (peak RSS of a 10-client run / a 2-client run), upload bytes as they travel (Flower codec,
-fp32 vs bf16 transport).
+fp32 vs bf16 transport), and parts (three pieces of a round against what they replaced: the LM head in
+a prefill, an adapter merge, the copy filter's ROUGE-L).
 """
 
 from __future__ import annotations
@@ -44,6 +45,68 @@ def median_spread(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
+def response_prompts(exp, count: int) -> list[str]:
+    """Self-generation response prompts: two private demonstrations, then a private instruction."""
+    examples = [e for c in exp.federation.clients.values() for e in c]
+    return [exp.fmt.render_with_demos([examples[(i + k) % len(examples)] for k in range(2)],
+                                      examples[(i + 5) % len(examples)].instruction) for i in range(count)]
+
+
+def bench_parts(exp, repeats: int) -> dict:
+    """Three pieces that each cost a FedPIT round time before, against what they replaced:
+    - the LM head in a 13-row prefill, with `logits_to_keep` as transformers' int (a strided slice of the
+      hidden states, so matmul copies the head once per row) against our index tensor;
+    - one adapter merge (entering and leaving `ModelHandle.inference`), paid once per phase now;
+    - the copy filter's ROUGE-L of 16 responses against every private example, with the rouge-score
+      package against fedpit's rapidfuzz-based `max_rouge_l`."""
+    from rouge_score import rouge_scorer
+
+    from fedpit.textmetrics import max_rouge_l
+
+    handle = exp.handle
+    batch = handle.tokenizer.pad({"input_ids": [handle.tokenizer(p)["input_ids"] for p in response_prompts(exp, 13)]},
+                                 return_tensors="pt").to(handle.device)
+    width = batch["input_ids"].shape[1]
+
+    def prefill(keep):
+        return lambda: handle.model(**batch, logits_to_keep=keep)
+
+    private = [f"{e.instruction}\n{e.output}" for e in exp.federation.clients[sorted(exp.federation.clients)[0]]]
+    responses = [e.output for c in exp.federation.clients.values() for e in c][-16:]
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+
+    def merge():
+        with handle.inference():
+            pass
+
+    variants = {
+        "prefill_logits_to_keep_int": prefill(1),
+        "prefill_logits_to_keep_index": prefill(last_positions(width, 1, handle.device)),
+        "adapter_merge": merge,
+        "copy_filter_rouge_score": lambda: [max(scorer.score(p, r)["rougeL"].fmeasure for p in private)
+                                            for r in responses],
+        "copy_filter_fedpit": lambda: [max_rouge_l(r, private) for r in responses],
+    }
+    seconds: dict[str, list[float]] = {k: [] for k in variants}
+    with handle.inference():  # the prefills run merged, as in generation (an inner merge() is a no-op)
+        for fn in (variants["prefill_logits_to_keep_int"], variants["prefill_logits_to_keep_index"]):
+            fn()  # warm-up
+        for _ in range(repeats):
+            for name in ("prefill_logits_to_keep_int", "prefill_logits_to_keep_index"):
+                seconds[name].append(timed(variants[name])[0])
+    for _ in range(repeats):
+        for name in ("adapter_merge", "copy_filter_rouge_score", "copy_filter_fedpit"):
+            seconds[name].append(timed(variants[name])[0])
+    median = {k: statistics.median(v) for k, v in seconds.items()}
+    return {
+        "prefill_rows": int(batch["input_ids"].shape[0]), "prefill_width": width,
+        "seconds": {k: median_spread(v) for k, v in seconds.items()},
+        "prefill_speedup": median["prefill_logits_to_keep_int"] / median["prefill_logits_to_keep_index"],
+        "copy_filter_speedup": median["copy_filter_rouge_score"] / median["copy_filter_fedpit"],
+        "copy_filter_pairs": len(private) * len(responses),
+    }
+
+
 def bench_generation(exp, repeats: int, num_prompts: int) -> dict:
     """The self-generation response workload: ~300-token prompts with demonstrations, 128 new tokens.
 
@@ -51,11 +114,7 @@ def bench_generation(exp, repeats: int, num_prompts: int) -> dict:
     plain implementation does. Between them: the same `generate` in batches of 32, and our decode loop
     without the merged adapter, so the table shows what each step is worth."""
     handle, fmt = exp.handle, exp.fmt
-    examples = [e for c in exp.federation.clients.values() for e in c]
-    prompts = []
-    for i in range(num_prompts):
-        demos = [examples[(i + k) % len(examples)] for k in range(2)]
-        prompts.append(fmt.render_with_demos(demos, examples[(i + 5) % len(examples)].instruction))
+    prompts = response_prompts(exp, num_prompts)
     prompt_tokens = statistics.mean(len(handle.tokenizer(p)["input_ids"]) for p in prompts)
     stops = tuple(fmt.stop_strings)
 
@@ -202,7 +261,7 @@ def peak_rss_of_run(clients: int) -> float:
     return int(line.split()[1]) / 1024
 
 
-SECTIONS = ("generation", "training", "round", "evaluation", "memory")
+SECTIONS = ("generation", "training", "round", "evaluation", "memory", "parts")
 
 
 def main() -> None:
@@ -236,6 +295,7 @@ def main() -> None:
         "round": lambda: bench_round(exp, repeats),
         "evaluation": lambda: bench_eval(exp),
         "memory": memory,
+        "parts": lambda: bench_parts(exp, repeats),
     }
     for name in SECTIONS:  # each section is printed and saved as soon as it is measured
         if name not in only:
@@ -287,6 +347,16 @@ def print_table(r: dict) -> None:
                       f"{m['peak_rss_mib_2_clients']:.0f}", f"{m['ratio']:.2f}x", "<= 1.15x")
     if "evaluation" in r:
         table.add_row("evaluation generated tokens/s", f"{r['evaluation']['generated_tokens_per_s']:.1f}", "", "", "")
+    if "parts" in r:
+        p, sec = r["parts"], r["parts"]["seconds"]
+        table.add_row(f"prefill of {p['prefill_rows']} prompts, index logits_to_keep (s)",
+                      f"{sec['prefill_logits_to_keep_index']['median']:.2f}",
+                      f"{sec['prefill_logits_to_keep_int']['median']:.2f} int", f"{p['prefill_speedup']:.2f}x", "")
+        table.add_row(f"copy filter, {p['copy_filter_pairs']} ROUGE-L pairs (s)",
+                      f"{sec['copy_filter_fedpit']['median']:.3f}",
+                      f"{sec['copy_filter_rouge_score']['median']:.3f} rouge-score",
+                      f"{p['copy_filter_speedup']:.0f}x", "")
+        table.add_row("one adapter merge (s)", f"{sec['adapter_merge']['median']:.2f}", "", "", "")
     Console().print(table)
     if "round" in r:
         for name in ("fedpit", "fedavg"):

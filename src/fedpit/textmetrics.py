@@ -1,9 +1,9 @@
 """ROUGE-L between texts, fast enough to compare every candidate with every private example.
 
 Tokenisation is rouge-score's, so the numbers equal the standard package's. The longest common
-subsequence comes from rapidfuzz's bit-parallel LCS over token sequences (a few microseconds for a
-100-word response against a private example); the pure-Python dynamic-programming table used before,
-like rouge-score's own, took about a second of every FedPIT round's self-generation.
+subsequence comes from rapidfuzz's bit-parallel LCS over token sequences: the copy filter's 384
+comparisons take 1 ms, against 249 ms with the rouge-score package (`make bench`, parts section);
+the pure-Python table used before took about a second of each demo round's self-generation.
 """
 
 from __future__ import annotations
