@@ -56,7 +56,7 @@ class NoModel:
             self.merged = False
 
 
-def _run(monkeypatch, instructions, respond, config=None):
+def _run(monkeypatch, instructions, respond, config=None, private=PRIVATE):
     config = config or replace(CONFIG, max_instructions=len(instructions), batch_size=len(instructions))
     generator = ScriptedGenerator(instructions, respond)
     handle = NoModel()
@@ -66,7 +66,7 @@ def _run(monkeypatch, instructions, respond, config=None):
         return generator(model, *args, **kwargs)
 
     monkeypatch.setattr(synth, "generate", generate)
-    outcome = synth.self_generate(handle, AlpacaFormat(), PRIVATE, config, seed=0, round_num=1, client="c")
+    outcome = synth.self_generate(handle, AlpacaFormat(), private, config, seed=0, round_num=1, client="c")
     assert handle.merges == 1
     return outcome, generator
 
@@ -169,10 +169,8 @@ def test_filtered_responses_are_made_up_from_waiting_instructions(monkeypatch):
 
 
 def test_fewer_than_eight_examples_uses_all(monkeypatch):
-    config = replace(CONFIG, max_instructions=1, batch_size=1)
-    generator = ScriptedGenerator(["How is a sprained ankle treated at home?"], lambda p, n: GOOD_ANSWER)
-    monkeypatch.setattr(synth, "generate", generator)
-    outcome = synth.self_generate(NoModel(), AlpacaFormat(), PRIVATE[:5], config, seed=0, round_num=1, client="c")
+    outcome, _ = _run(monkeypatch, ["How is a sprained ankle treated at home?"], lambda p, n: GOOD_ANSWER,
+                      private=PRIVATE[:5])
     assert len(outcome.samples[0].instruction_demo_ids) == 5
 
 
