@@ -236,10 +236,10 @@ def bench_eval(exp) -> dict:
     from fedpit.evaluation import EvalOptions, evaluate_set
 
     examples = exp.federation.eval_sets["medquad"]
-    seconds, (metrics, answers) = timed(lambda: evaluate_set(exp.handle, exp.fmt, examples,
-                                                             EvalOptions(max_new_tokens=64, batch_size=16)))
+    seconds, result = timed(lambda: evaluate_set(exp.handle, exp.fmt, examples,
+                                                 EvalOptions(max_new_tokens=64, batch_size=16)))
     return {"examples": len(examples), "seconds": seconds,
-            "generated_tokens_per_s": count_tokens(exp.handle.tokenizer, answers) / seconds}
+            "generated_tokens_per_s": count_tokens(exp.handle.tokenizer, result.answers) / seconds}
 
 
 def peak_rss_of_run(clients: int) -> float:

@@ -91,5 +91,5 @@ def tiny_overrides(tmp_path, tiny_model_dir) -> list[str]:
         "synth.max_new_tokens_instruction=12", "synth.max_new_tokens_response=16",
         "synth.min_instruction_words=1", "synth.min_response_words=1",
         "synth.decoding='sample'", "synth.temperature=1.0", "synth.top_p=1.0",
-        "method.fedpit.keep=2", "eval.sets=[]",
+        "method.fedpit.keep=2", "eval.sets=[]", "eval.final_sets=[]",
     ]

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from fedpit import config as config_mod
 from fedpit.runs import RunDir
-from fedpit.runtimes.local import prepare, run_experiment, sample_clients
+from fedpit.runtimes.local import open_run, prepare, run_experiment, sample_clients
 
 
 def _run(tmp_path, overrides, name="run"):
@@ -86,3 +87,26 @@ def test_persistent_private_adapters_are_evaluated_per_client(tmp_path, tiny_ove
     personal = [r for r in run.metrics() if r["kind"] == "eval" and r["target"] == "personal"]
     assert sorted(r["client"] for r in personal) == sorted(exp.federation.clients)
     assert all("medinstruct" in r["results"] for r in personal)
+
+
+def test_final_evaluation_keeps_every_answer(tmp_path, tiny_overrides):
+    """The final global model is evaluated on the whole (here: capped) held-out sets, the per-round
+    curve on their prefixes, and every answer lands under eval/ beside its per-example figures."""
+    cfg = config_mod.load("configs/demo.toml", [*tiny_overrides, "federation.rounds=1", "eval.sets=['medinstruct']",
+                                                "eval.num_examples=2", "eval.final_sets=['medinstruct','pubmedqa']",
+                                                "eval.final_num_examples=3", "eval.max_new_tokens=4"])
+    exp = prepare(cfg)
+    run = open_run(exp, tmp_path / "run")
+    run_experiment(exp, run)
+    final = RunDir(run.path).load_answers("final")
+    assert sorted(final) == ["medinstruct", "pubmedqa"] and all(len(v) == 3 for v in final.values())
+    for record in final["pubmedqa"]:
+        assert {"id", "instruction", "input", "reference", "answer", "nll", "rougeL", "decision",
+                "correct"} <= set(record)
+    per_round = RunDir(run.path).load_answers("round-001")["medinstruct"]
+    assert [r["id"] for r in per_round] == [r["id"] for r in final["medinstruct"][:2]]  # a prefix of the final
+
+    evals = [r for r in run.metrics() if r["kind"] == "eval"]
+    assert [(e["round"], e["stage"]) for e in evals] == [(0, "round"), (1, "round"), (1, "final")]
+    summary = evals[-1]["results"]["pubmedqa"]
+    assert summary["n"] == 3 and summary["nll"] == pytest.approx(sum(r["nll"] for r in final["pubmedqa"]) / 3)

@@ -42,7 +42,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from fedpit.progress import RunProgress
-    from fedpit.report import eval_rows, write_report
+    from fedpit.report import eval_rows, final_rows, write_report
     from fedpit.runs import RunDir, default_run_dir
     from fedpit.runtimes.local import open_run, prepare, run_experiment
 
@@ -83,13 +83,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     run.write_status("complete", seconds=round(time.perf_counter() - start, 1))
     report = write_report(run.path)
     table = Table(title=f"{config.method.name}: global model on held-out sets")
-    table.add_column("set")
-    table.add_column("round")
-    table.add_column("ROUGE-L")
-    table.add_column("NLL")
-    for name, rows in eval_rows(run.metrics()).items():
+    for column in ("set", "round", "examples", "ROUGE-L", "NLL", "accuracy"):
+        table.add_column(column)
+    records = run.metrics()
+    for name, rows in eval_rows(records).items():
         for row in (rows[0], rows[-1]) if len(rows) > 1 else rows:
-            table.add_row(name, str(row["round"]), f"{row['rougeL']:.4f}", f"{row['nll']:.4f}")
+            table.add_row(name, str(row["round"]), f"{row.get('n', 0):.0f}", f"{row['rougeL']:.4f}",
+                          f"{row['nll']:.4f}", f"{row['accuracy']:.3f}" if "accuracy" in row else "")
+    for row in final_rows(records):
+        if row["model"] == "global":
+            table.add_row(row["set"], "final", f"{row['n']:.0f}", f"{row['rougeL']:.4f}", f"{row['nll']:.4f}",
+                          f"{row['accuracy']:.3f}" if "accuracy" in row else "")
     if table.row_count:
         console.print(table)
     console.print(f"run directory: {run.path}\nreport: {report}\n"

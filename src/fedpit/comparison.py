@@ -14,7 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from fedpit.report import eval_rows, privacy_rows, round_rows  # noqa: E402
+from fedpit.report import eval_rows, final_rows, privacy_rows, round_rows  # noqa: E402
 from fedpit.runs import RunDir, atomic_write_text  # noqa: E402
 
 LEAK_COLUMNS = ("memorization_rougeL", "extraction_exact_rate", "mia_ref_auc", "canary_exposure_extrapolated")
@@ -30,6 +30,11 @@ def summarise_run(path: Path) -> dict[str, Any]:
             if metric in rows[-1]:
                 summary[f"{name}/{metric}"] = rows[-1][metric]
         summary.setdefault("_curves", {})[name] = [(r["round"], r.get("nll"), r.get("rougeL")) for r in rows]
+    for row in final_rows(records):  # the whole-set evaluation, where it ran, is the verdict
+        if row["model"] == "global":
+            for metric in ("rougeL", "nll", "accuracy"):
+                if metric in row:
+                    summary[f"{row['set']}/{metric}"] = row[metric]
     leakage = [r for r in privacy_rows(records) if r["source"] == "run"]
     if leakage:
         last = max(r["round"] for r in leakage)

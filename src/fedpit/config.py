@@ -141,13 +141,33 @@ class MethodSection:
 
 
 @dataclass(frozen=True)
+class JudgeConfig:
+    """`[eval.judge]`: a pairwise LLM judge behind an OpenAI-compatible endpoint (off while `endpoint`
+    is empty). The key is read from the environment variable named by `api_key_env`, never stored."""
+
+    endpoint: str = ""
+    model: str = ""
+    api_key_env: str = "OPENAI_API_KEY"
+    max_concurrency: int = 4
+    timeout: float = 60.0
+    max_retries: int = 3
+    max_tokens: int = 256
+    template: str = "pairwise"
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     every: int = 1
     at_start: bool = True
     sets: list[str] = field(default_factory=lambda: ["medquad", "medinstruct"])
     num_examples: int = 50
+    final_sets: list[str] = field(default_factory=lambda: ["medquad", "medinstruct", "pubmedqa"])
+    final_num_examples: int = 0
+    medquad_size: int = 300
+    seed: int = 0
     max_new_tokens: int = 128
     batch_size: int = 16
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
 
 
 @dataclass(frozen=True)
@@ -399,7 +419,8 @@ def validate(config: Config) -> None:
         "data.partition.min_examples", "federation.rounds", "train.batch_size", "train.epochs",
         "synth.num_candidates", "synth.max_instructions", "synth.batch_size", "synth.num_instruction_demos",
         "synth.num_response_demos", "synth.max_new_tokens_instruction", "synth.max_new_tokens_response",
-        "eval.num_examples", "eval.max_new_tokens", "eval.batch_size",
+        "eval.num_examples", "eval.medquad_size", "eval.max_new_tokens", "eval.batch_size",
+        "eval.judge.max_concurrency", "eval.judge.timeout", "eval.judge.max_tokens",
     ]
     for key in positive:
         if _get(config, key) <= 0:
@@ -408,7 +429,7 @@ def validate(config: Config) -> None:
                     "flower.client_cpus", "flower.client_gpus", "flower.wait_for_nodes",
                     "model.threads", "synth.max_redraws", "eval.every",
                     "output.checkpoint_every", "train.weight_decay", "train.max_grad_norm",
-                    "train.min_learning_rate"]
+                    "train.min_learning_rate", "eval.final_num_examples", "eval.judge.max_retries"]
     for key in non_negative:
         if _get(config, key) < 0:
             raise ConfigError(f"config key '{key}' must be >= 0, got {_get(config, key)}")
@@ -427,9 +448,17 @@ def validate(config: Config) -> None:
         raise ConfigError("data.source is 'file' but data.file is empty; set data.file=PATH to a JSON/JSONL file")
     if not config.lora.target_modules:
         raise ConfigError("config key 'lora.target_modules' must name at least one module, e.g. ['q_proj', 'v_proj']")
-    for name in config.eval.sets:
-        if name not in EVAL_SETS:
-            raise ConfigError(f"eval.sets contains unknown set '{name}'; choose from: {', '.join(EVAL_SETS)}")
+    for key in ("eval.sets", "eval.final_sets"):
+        for name in _get(config, key):
+            if name not in EVAL_SETS:
+                raise ConfigError(f"{key} contains unknown set '{name}'; choose from: {', '.join(EVAL_SETS)}")
+    judge = config.eval.judge
+    if judge.endpoint and not judge.model:
+        raise ConfigError("eval.judge.endpoint is set but eval.judge.model is empty; name the judge model the "
+                          "endpoint serves, e.g. --set eval.judge.model='gpt-4o'")
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", judge.api_key_env):
+        raise ConfigError(f"eval.judge.api_key_env is {judge.api_key_env!r}; it is the *name* of the environment "
+                          f"variable that holds the key (e.g. OPENAI_API_KEY), never the key itself")
     for key, allowed in (("privacy.attacks", ATTACKS), ("privacy.targets", ATTACK_TARGETS)):
         for name in _get(config, key):
             if name not in allowed:

@@ -48,12 +48,24 @@ def round_rows(records: list[dict[str, Any]]) -> list[dict[str, float]]:
 
 
 def eval_rows(records: list[dict[str, Any]]) -> dict[str, list[dict[str, float]]]:
-    """Per evaluation set: one row per evaluated round."""
+    """Per evaluation set: one row per evaluated round (the per-round curve of the global model)."""
     by_set: dict[str, list[dict[str, float]]] = defaultdict(list)
-    for rec in (r for r in records if r.get("kind") == "eval" and r.get("target", "global") == "global"):
-        for name, metrics in rec["results"].items():
-            by_set[name].append({"round": rec["round"], **metrics})
+    for rec in records:
+        if rec.get("kind") == "eval" and rec.get("target", "global") == "global" and rec.get("stage") != "final":
+            for name, metrics in rec["results"].items():
+                by_set[name].append({"round": rec["round"], **metrics})
     return dict(by_set)
+
+
+def final_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The final evaluation on whole held-out sets: one row per (model, set); model is "global" or
+    "personal <client>"."""
+    rows = []
+    for rec in records:
+        if rec.get("kind") == "eval" and rec.get("stage") == "final":
+            model = "global" if rec.get("target") == "global" else f"personal {rec.get('client')}"
+            rows += [{"model": model, "set": name, **metrics} for name, metrics in rec["results"].items()]
+    return rows
 
 
 LEAKAGE_KEYS = ("memorization_rougeL", "memorization_frac_above_0.5", "extraction_exact_rate",
@@ -176,7 +188,14 @@ def write_report(run_path: Path) -> Path:
             loss_series["synthetic"] = ([r["round"] for r in rounds], [r["loss_synthetic"] for r in rounds])
         _plot(run.path / "train_loss.png", "mean client training loss", loss_series, "loss")
         plots.append("train_loss.png")
-    lines += ["## Utility of the global model (held-out)", ""]
+    finals = final_rows(records)
+    if finals:
+        lines += ["## Final evaluation (whole held-out sets)", "",
+                  "Every answer with its per-example figures is in `eval/final/<set>.jsonl` "
+                  "(`fedpit judge` reads them).", "",
+                  _table(finals, ["model", "set", "n", "rougeL", "nll", "perplexity",
+                                  *(["accuracy"] if any("accuracy" in r for r in finals) else [])])]
+    lines += ["## Utility of the global model per round (held-out subsets)", ""]
     for name, rows in evals.items():
         columns = ["round"] + [m for m in ("rougeL", "nll", "perplexity", "accuracy") if m in rows[0]]
         lines += [f"### {name}", "", _table(rows, columns)]

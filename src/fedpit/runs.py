@@ -4,6 +4,8 @@ Layout:
     config.toml            the resolved configuration
     run.json               status (running / complete / failed), timings, federation summary
     metrics.jsonl          one JSON object per round ("kind": "round") and per evaluation ("kind": "eval")
+    eval/round-NNN/<set>.jsonl, eval/final/<set>.jsonl
+                           every evaluated example: reference, the model's answer, its NLL and ROUGE-L
     checkpoints/           per committed round: global adapter, server state (safetensors) and a
                            manifest with their SHA-256 and the metrics line count (the commit point)
     adapter/               final global LoRA in PEFT format
@@ -188,6 +190,24 @@ class RunDir:
     def load_uploads(self, round_num: int) -> dict[str, AdapterState]:
         folder = self.path / "uploads" / f"round-{round_num:03d}"
         return {f.stem: load_file(f) for f in sorted(folder.glob("*.safetensors"))}
+
+    # ------------------------------------------------------------ evaluation answers
+    def answers_dir(self, stage: str, client: str | None = None) -> Path:
+        """`eval/round-NNN` (per-round curve) or `eval/final` (whole sets), with `personal/<client>`
+        below it for a client's own model."""
+        folder = self.path / "eval" / stage
+        return folder / "personal" / client if client else folder
+
+    def save_answers(self, stage: str, name: str, records: list[dict[str, Any]], client: str | None = None) -> Path:
+        path = self.answers_dir(stage, client) / f"{name}.jsonl"
+        atomic_write_text(path, "".join(json.dumps(_finite(r), allow_nan=False) + "\n" for r in records))
+        return path
+
+    def load_answers(self, stage: str, client: str | None = None) -> dict[str, list[dict[str, Any]]]:
+        """Every set's per-example records of one evaluation ({} when it was not run)."""
+        folder = self.answers_dir(stage, client)
+        return {f.stem: [json.loads(line) for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
+                for f in sorted(folder.glob("*.jsonl"))}
 
     # ------------------------------------------------------------ client side
     def save_client_audit(self, client: str, round_num: int, name: str, tensors: AdapterState) -> None:

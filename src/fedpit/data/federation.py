@@ -35,6 +35,8 @@ class Federation:
     eval_sets: dict[str, list[Example]]
     holdout: list[Example] = field(default_factory=list)
     """Unused examples of the training distribution: the non-members of membership inference."""
+    final_sets: dict[str, list[Example]] = field(default_factory=dict)
+    """Whole held-out sets for the final model (`eval.final_sets`); `eval_sets` are their per-round prefixes."""
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -42,6 +44,7 @@ class Federation:
             "sizes": {c: len(e) for c, e in self.clients.items()},
             "train_examples": sum(len(e) for e in self.clients.values()),
             "eval_sets": {name: len(e) for name, e in self.eval_sets.items()},
+            "final_sets": {name: len(e) for name, e in self.final_sets.items()},
             "holdout": len(self.holdout),
         }
 
@@ -50,7 +53,8 @@ class Federation:
         must see exactly the data it started with."""
         digest = hashlib.sha256()
         groups = [*(("client", c, e) for c, e in sorted(self.clients.items())),
-                  *(("eval", n, e) for n, e in sorted(self.eval_sets.items())), ("holdout", "", self.holdout)]
+                  *(("eval", n, e) for n, e in sorted(self.eval_sets.items())),
+                  *(("final", n, e) for n, e in sorted(self.final_sets.items())), ("holdout", "", self.holdout)]
         for kind, name, examples in groups:
             digest.update(f"{kind}:{name}\n".encode())
             for ex in examples:
@@ -81,7 +85,7 @@ def _fit(tokenizer, example: Example, config: Config) -> Example:
 
 
 def _data_dir(config: Config) -> Path | None:
-    needs_dir = config.data.source != "file" or bool(config.eval.sets)
+    needs_dir = config.data.source != "file" or bool(config.eval.sets) or bool(config.eval.final_sets)
     return resolve_data_dir(config.data.dir) if needs_dir else None
 
 
@@ -98,30 +102,37 @@ def load_pool(config: Config, data_dir: Path | None) -> list[Example]:
                                  config.data.output_field)
 
 
-def _eval_sets(
-    config: Config, data_dir: Path | None, pool: list[Example], rng: random.Random
-) -> dict[str, list[Example]]:
+def _heldout_sets(config: Config, data_dir: Path | None, pool: list[Example]) -> dict[str, list[Example]]:
+    """Every held-out set in a random order drawn with `eval.seed` (not `seed`): runs with different
+    seeds are then evaluated on the same examples, which is what makes their differences pairable.
+    Per-round and final evaluation take prefixes of these lists, so each is a random subset and the
+    per-round examples are also in the final set."""
+    rng = random.Random(derive_seed(config.eval.seed, "eval-split"))
     sets: dict[str, list[Example]] = {}
-    n = config.eval.num_examples
-    for name in config.eval.sets:
-        if name == "medquad":
+    for name in dict.fromkeys([*config.eval.final_sets, *config.eval.sets]):
+        if name == "medquad":  # MedQuAD has no test split: a held-out set is carved out of it
             candidates = pool if config.data.source == "medquad" else load_medquad(data_dir)
+            size = min(config.eval.medquad_size, len(candidates))
         elif name == "medinstruct":
             candidates = load_medinstruct_test(data_dir)
+            size = len(candidates)
         else:
             candidates = load_pubmedqa(data_dir, split="test")
-        chosen = rng.sample(range(len(candidates)), min(n, len(candidates)))
-        sets[name] = [candidates[i] for i in sorted(chosen)]
+            size = len(candidates)
+        sets[name] = [candidates[i] for i in rng.sample(range(len(candidates)), size)]
     return sets
+
+
+def _prefix(examples: list[Example], count: int) -> list[Example]:
+    return examples[:count] if count > 0 else list(examples)
 
 
 def build_federation(config: Config, tokenizer) -> Federation:
     data_dir = _data_dir(config)
     pool = load_pool(config, data_dir)
-    rng = random.Random(derive_seed(config.seed, "eval-split"))
-    eval_sets = _eval_sets(config, data_dir, pool, rng)
-    held_out = {text_key(e.instruction) for s in eval_sets.values() for e in s}
-    held_out |= {text_key(e.output) for s in eval_sets.values() for e in s}
+    heldout = _heldout_sets(config, data_dir, pool)
+    held_out = {text_key(e.instruction) for s in heldout.values() for e in s}
+    held_out |= {text_key(e.output) for s in heldout.values() for e in s}
     train_pool = [e for e in pool if text_key(e.instruction) not in held_out and text_key(e.output) not in held_out]
 
     fewshot = config.data.fewshot
@@ -144,7 +155,9 @@ def build_federation(config: Config, tokenizer) -> Federation:
         range(len(unused)), min(config.data.holdout_size, len(unused)))
     holdout = [_fit(tokenizer, unused[i], config) for i in sorted(picks)]
     selected = [_fit(tokenizer, e, config) for e in selected]
-    eval_sets = {name: [_fit(tokenizer, e, config) for e in examples] for name, examples in eval_sets.items()}
+    heldout = {name: [_fit(tokenizer, e, config) for e in examples] for name, examples in heldout.items()}
+    eval_sets = {name: _prefix(heldout[name], config.eval.num_examples) for name in config.eval.sets}
+    final_sets = {name: _prefix(heldout[name], config.eval.final_num_examples) for name in config.eval.final_sets}
     clients = partition_examples(selected, kind=partition.kind, num_clients=partition.num_clients,
                                  by=partition.by, alpha=partition.alpha, seed=config.seed,
                                  min_size=partition.min_examples)
@@ -154,7 +167,7 @@ def build_federation(config: Config, tokenizer) -> Federation:
                 f"client '{client}' has {len(examples)} examples, fewer than data.partition.min_examples="
                 f"{partition.min_examples}; use fewer clients, more data (data.fewshot.total) or a lower minimum"
             )
-    return Federation(clients=clients, eval_sets=eval_sets, holdout=holdout)
+    return Federation(clients=clients, eval_sets=eval_sets, holdout=holdout, final_sets=final_sets)
 
 
 def check_demonstrations(federation: Federation, config: Config) -> None:

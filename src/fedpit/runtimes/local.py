@@ -16,7 +16,6 @@ from pathlib import Path
 from fedpit.config import Config
 from fedpit.data.federation import Federation, build_federation, check_demonstrations
 from fedpit.errors import FedpitError
-from fedpit.evaluation import EvalOptions, evaluate
 from fedpit.methods import Method, build_method
 from fedpit.model import ModelHandle, load_model
 from fedpit.progress import RunProgress
@@ -96,7 +95,8 @@ def run_experiment(
     if cfg.privacy.enabled:
         def auditor_factory(base: AdapterState) -> Auditor:
             return Auditor.build(cfg, exp.federation, exp.handle, exp.fmt, exp.canaries, base)
-    server = Server(cfg, exp.method, exp.handle, exp.fmt, exp.federation.eval_sets, run, progress, auditor_factory)
+    server = Server(cfg, exp.method, exp.handle, exp.fmt, exp.federation.eval_sets, run, progress, auditor_factory,
+                    final_sets=exp.federation.final_sets)
     server.start(client_ids)
     clients = ClientRunner(cfg, exp.method, exp.handle, exp.fmt, run.path / "clients")
     for round_num in server.rounds():
@@ -120,9 +120,9 @@ def run_experiment(
             reports.append(ClientReport(upload=upload, phase_seconds=result.phase_seconds))
             progress.client_done(done)
         server.complete_round(plan, reports, dropped)
-    if cfg.eval.every > 0 and exp.federation.eval_sets:
-        _evaluate_personal(exp, run, clients.store, client_ids, progress)
-    return server.finish()
+    final = server.finish()
+    _evaluate_personal(server, clients.store, client_ids)
+    return final
 
 
 def _keep_for_audit(server: Server, run: RunDir, round_num: int, client: str, result) -> None:
@@ -143,19 +143,15 @@ def _keep_for_audit(server: Server, run: RunDir, round_num: int, client: str, re
             server.audit(result.audit["private"], round_num, "private", client)
 
 
-def _evaluate_personal(exp: Experiment, run: RunDir, store: ClientStateStore, clients: list[str],
-                       progress: RunProgress) -> None:
-    """Clients that keep a private adapter (FedPIT's persistent option) also get their personalised
-    model (base + W_l) evaluated after the last round; the figures are the client's own to report."""
-    cfg = exp.config
-    options = EvalOptions(max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
-                          max_length=cfg.model.max_length)
+def _evaluate_personal(server: Server, store: ClientStateStore, clients: list[str]) -> None:
+    """Clients that keep a private adapter (LocIT, LocIT+SG, FedPIT's persistent option) also get their
+    personalised model (base + W_l) evaluated after the last round, on the whole held-out sets when
+    final evaluation is on (else on the per-round subsets); the figures are the client's own to report."""
+    rounds = server.config.federation.rounds
+    final = bool(server.final_sets)
+    if not final and not (server.config.eval.every > 0 and server.eval_sets):
+        return
     for client in clients:
-        private = store.load(client, cfg.federation.rounds + 1).tensors.get("private")
-        if private is None:
-            continue
-        results = evaluate(exp.handle, exp.fmt, private, exp.federation.eval_sets, options, progress.phase)
-        run.append_metrics({"kind": "eval", "method": cfg.method.name, "round": cfg.federation.rounds,
-                            "target": "personal", "client": client, "results": results})
-        progress.message(f"personalised model of {client}: " + ", ".join(
-            f"{name} rougeL {m['rougeL']:.3f}" for name, m in results.items()))
+        private = store.load(client, rounds + 1).tensors.get("private")
+        if private is not None:
+            server.evaluate(private, rounds, final=final, client=client)

@@ -69,12 +69,13 @@ class Server:
     has one; `rounds()` then yields the rounds still to run."""
 
     def __init__(self, config: Config, method, handle, fmt, eval_sets, run: RunDir,
-                 progress: RunProgress | None = None, auditor_factory=None) -> None:
+                 progress: RunProgress | None = None, auditor_factory=None, final_sets=None) -> None:
         self.config = config
         self.method = method
         self.handle = handle
         self.fmt = fmt
         self.eval_sets = eval_sets
+        self.final_sets = final_sets or {}
         self.run = run
         self.progress = progress or RunProgress(quiet=True)
         self.auditor_factory = auditor_factory
@@ -184,21 +185,38 @@ class Server:
             f"{plan.round_num} are saved: fix the cause and continue with `fedpit run --resume {self.run.path}`")
 
     def finish(self) -> AdapterState:
+        """Evaluate the final global model on the whole held-out sets and save it in PEFT format.
+        Runs after the last commit: a run killed here resumes with nothing to train and redoes this."""
+        if self.final_sets:
+            self.evaluate(self.global_adapter, self.config.federation.rounds, final=True)
         self.handle.save_adapter(self.global_adapter, self.run.path / "adapter")
         return self.global_adapter
 
     # ------------------------------------------------------------------ measurements
-    def evaluate(self, adapter: AdapterState, round_num: int) -> dict:
+    def evaluate(self, adapter: AdapterState, round_num: int, final: bool = False, client: str | None = None) -> dict:
+        """Evaluate `adapter` on the per-round subsets, or (`final`) on the whole held-out sets; keep
+        every answer under eval/ and the summary in metrics.jsonl. `client` marks a personal model."""
         cfg = self.config
         start = time.perf_counter()
+        sets = self.final_sets if final else self.eval_sets
+        stage = "final" if final else f"round-{round_num:03d}"
         options = EvalOptions(max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
                               max_length=cfg.model.max_length)
-        results = evaluate(self.handle, self.fmt, adapter, self.eval_sets, options, self.progress.phase)
-        entry = {"kind": "eval", "method": cfg.method.name, "round": round_num, "target": "global",
-                 "results": results, "seconds": round(time.perf_counter() - start, 3)}
+        label = "final eval" if final else "eval"
+        results = evaluate(self.handle, self.fmt, adapter, sets, options, self.progress.phase, label=label)
+        for name, result in results.items():
+            self.run.save_answers(stage, name, result.records, client)
+        entry = {"kind": "eval", "stage": "final" if final else "round", "method": cfg.method.name,
+                 "round": round_num, "target": "personal" if client else "global",
+                 "results": {name: result.metrics for name, result in results.items()},
+                 "seconds": round(time.perf_counter() - start, 3)}
+        if client:
+            entry["client"] = client
         self.run.append_metrics(entry)
-        summary = ", ".join(f"{name} rougeL {m['rougeL']:.3f} nll {m['nll']:.3f}" for name, m in results.items())
-        self.progress.message(f"eval after round {round_num}: {summary}")
+        summary = ", ".join(f"{name} rougeL {r.metrics['rougeL']:.3f} nll {r.metrics['nll']:.3f}"
+                            for name, r in results.items())
+        whose = f"personal model of {client}" if client else "global model"
+        self.progress.message(f"{label} of the {whose} after round {round_num}: {summary}")
         return entry
 
     def audit(self, adapter: AdapterState, round_num: int, target: str, client: str | None) -> None:

@@ -160,7 +160,8 @@ def serve(grid: Grid, settings: ServerSettings, progress: RunProgress | None = N
     run = open_run(exp, settings.run_dir, resume=settings.resume)
     start = time.perf_counter()
     try:
-        server = Server(config, exp.method, exp.handle, exp.fmt, exp.federation.eval_sets, run, progress)
+        server = Server(config, exp.method, exp.handle, exp.fmt, exp.federation.eval_sets, run, progress,
+                        final_sets=exp.federation.final_sets)
         directory = Directory(grid, config_toml, timeout=config.flower.wait_for_nodes)
         expected = settings.clients or config.data.partition.num_clients
         client_ids = directory.wait_for(expected, config.flower.wait_for_nodes)
