@@ -1,4 +1,4 @@
-"""The `fedpit` command: run | report | data | methods.
+"""The `fedpit` command: run | compare | sweep | judge | serve | attack | report | data | flower | methods.
 
 User mistakes (`FedpitError`) print one line and exit with status 2; `--debug` shows the
 traceback. Everything that can fail on bad input is checked before a run directory exists.
@@ -275,6 +275,69 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return _batch(args, rows, f"sweep of {args.param}", "sweep.md", xs)
 
 
+def _judge_config(base, args: argparse.Namespace):
+    """The run's [eval.judge], with the command line's choices on top."""
+    from dataclasses import replace
+
+    changes = {key: getattr(args, key) for key in ("endpoint", "model", "api_key_env", "template", "max_concurrency")
+               if getattr(args, key) is not None}
+    judge = replace(base, **changes)
+    if not judge.endpoint or not judge.model:
+        raise FedpitError("no judge: give --endpoint URL and --model NAME (or set [eval.judge] endpoint and model in "
+                          "the run's config)")
+    return judge
+
+
+def cmd_judge(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from fedpit.judging import judge_run
+    from fedpit.progress import RunProgress
+    from fedpit.runs import RunDir
+
+    for path in [args.run_dir, *([args.against] if args.against else [])]:
+        if not (Path(path) / "config.toml").is_file():
+            raise FedpitError(f"'{path}' is not a run directory (no config.toml)")
+    judge = _judge_config(RunDir(Path(args.run_dir)).config().eval.judge, args)
+    console = Console(stderr=True)
+    with RunProgress(quiet=args.quiet, console=console) as progress:
+        results = judge_run(Path(args.run_dir), judge, args.round, args.set or None,
+                            Path(args.against) if args.against else None, on_progress=progress.phase)
+    table = Table(title=f"judge {judge.model}: {args.run_dir} against "
+                        f"{args.against or 'the reference answers'} (both orders)")
+    for column in ("set", "n", "win", "tie", "lose", "invalid", "Win+Tie [95% CI]", "win − lose [95% CI]"):
+        table.add_column(column)
+    failures = 0
+    for result in results:
+        counts = result.counts()
+        table.add_row(result.set, str(len(result.verdicts)), *(str(counts[k]) for k in ("win", "tie", "lose",
+                      "invalid")), result.win_tie().describe(), result.net().describe())
+        failures += len(result.failures)
+    console.print(table)
+    console.print(f"new judge requests: {sum(r.requests for r in results)}; verdicts in {args.run_dir}/judge/")
+    if failures:
+        first = next(f for r in results for f in r.failures)
+        raise FedpitError(f"{failures} judge requests failed after retries ({first}); run the same command again: "
+                          f"the verdicts received are cached and only the missing ones are asked for")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from fedpit.serving import load_served_model, serve_forever
+
+    key = None
+    if args.api_key_env:
+        key = os.environ.get(args.api_key_env)
+        if not key:
+            raise FedpitError(f"--api-key-env names {args.api_key_env}, which is not set; export the key there")
+    model = load_served_model(Path(args.target), base=args.base, dtype=args.dtype, template=args.template)
+    serve_forever(model, host=args.host, port=args.port, api_key=key, model_name=args.model_name)
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from fedpit.methods import METHODS
 
@@ -375,6 +438,33 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--root-certificates", help="CA certificate to trust the SuperLink (TLS)")
     submit.add_argument("--timeout", type=float, default=7 * 24 * 3600, help="seconds to wait for the run")
     flower.set_defaults(func=cmd_flower)
+
+    judge = sub.add_parser("judge", help="LLM judge (both orders, Win/Tie/Lose) of a run's saved answers")
+    judge.add_argument("run_dir")
+    judge.add_argument("--against", metavar="RUN_B", help="head to head against another run's answers "
+                       "(default: against each set's reference answers)")
+    judge.add_argument("--round", type=int, default=None, help="a per-round evaluation (default: the final one)")
+    judge.add_argument("--set", action="append", default=[], metavar="SET", help="evaluation set (repeatable; "
+                       "default: all)")
+    judge.add_argument("--endpoint", help="OpenAI-compatible base URL (default: the run's eval.judge.endpoint)")
+    judge.add_argument("--model", help="judge model name (default: eval.judge.model)")
+    judge.add_argument("--api-key-env", help="name of the environment variable holding the key ('' for none)")
+    judge.add_argument("--template", help="built-in template name or file (default: eval.judge.template)")
+    judge.add_argument("--max-concurrency", type=int, help="parallel requests (default: eval.judge.max_concurrency)")
+    judge.add_argument("--quiet", action="store_true")
+    judge.set_defaults(func=cmd_judge)
+
+    serve = sub.add_parser("serve", help="serve a run's (or an adapter's) tuned model over the OpenAI chat API")
+    serve.add_argument("target", help="run directory or PEFT adapter folder")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--base", help="base model of a bare adapter (default: from adapter_config.json)")
+    serve.add_argument("--dtype", choices=["bf16", "fp32", "fp16", "auto"], help="default: the run's model.dtype")
+    serve.add_argument("--template", choices=["chat", "alpaca"], help="prompt template (default: the run's)")
+    serve.add_argument("--model-name", default="fedpit", help="the model id clients ask for")
+    serve.add_argument("--api-key-env", default="", help="require 'Authorization: Bearer <key>' with the key from "
+                       "this environment variable")
+    serve.set_defaults(func=cmd_serve)
 
     methods = sub.add_parser("methods", help="list registered methods")
     methods.set_defaults(func=cmd_methods)
