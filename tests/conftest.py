@@ -93,3 +93,27 @@ def tiny_overrides(tmp_path, tiny_model_dir) -> list[str]:
         "synth.decoding='sample'", "synth.temperature=1.0", "synth.top_p=1.0",
         "method.fedpit.keep=2", "eval.sets=[]", "eval.final_sets=[]",
     ]
+
+
+@pytest.fixture
+def tiny_judge_server(tiny_model_dir):
+    """A real OpenAI-compatible server on loopback (fedpit serve's engine) whose tiny random model
+    writes random text: every verdict it gives is unparsable, which is what protocol tests need."""
+    import threading
+
+    from fedpit.config import LoraConfig, ModelConfig
+    from fedpit.model import load_model
+    from fedpit.serving import ServedModel, make_server
+
+    handle = load_model(ModelConfig(name=str(tiny_model_dir), dtype="fp32"),
+                        LoraConfig(rank=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    state = handle.fresh_adapter(seed=0)
+    torch.manual_seed(1)
+    handle.set_adapter({k: v + torch.randn_like(v) for k, v in state.items()})
+    server = make_server(ServedModel(handle=handle, template="chat", max_tokens_limit=8), model_name="judge")
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()

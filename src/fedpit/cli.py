@@ -226,12 +226,15 @@ def _split_list(text: str, what: str) -> list[str]:
 
 
 def _batch(args: argparse.Namespace, rows: dict[str, list[str]], title: str, filename: str,
-           x_values: dict[str, float] | None = None) -> int:
-    """Run every (row, seed) job with its extra overrides, then write the comparison page."""
+           x_values: dict[str, float] | None = None, reference: str | None = None) -> int:
+    """Run every (row, seed) job with its extra overrides, judge the answers when [eval.judge] is set,
+    then write the comparison page with every row's paired differences to `reference`."""
     from rich.console import Console
 
     from fedpit import config as config_mod
     from fedpit.comparison import write_comparison
+    from fedpit.evaluation.judge import build_backend as build_judge
+    from fedpit.judging import judge_groups
     from fedpit.methods import build_method
     from fedpit.progress import RunProgress
     from fedpit.runtimes.batch import Job, run_jobs
@@ -246,20 +249,31 @@ def _batch(args: argparse.Namespace, rows: dict[str, list[str]], title: str, fil
             job_label = f"{label}-seed{config.seed}"
             jobs.append(Job(label=job_label, config=config))
             groups.setdefault(label, []).append(job_label)
+    if reference is not None and reference not in groups:
+        raise FedpitError(f"--reference '{reference}' is not one of the compared rows: {', '.join(groups)}")
     root = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-{filename.split('.')[0]}"
+    paths = {label: [root / j for j in labels] for label, labels in groups.items()}
+    judge = jobs[0].config.eval.judge
+    if judge.endpoint:
+        build_judge(judge).preflight()  # a bad endpoint or key fails now, not after hours of training
     console = Console(stderr=True)
     with RunProgress(quiet=args.quiet, console=console) as progress:
         run_jobs(jobs, root, progress)
-    page = write_comparison(root, {label: [root / j for j in labels] for label, labels in groups.items()},
-                            title, filename, x_values)
+        failures = judge_groups(paths, reference, judge, progress.phase) if judge.endpoint else []
+    page = write_comparison(root, paths, title, filename, x_values, reference)
     console.print(f"{filename}: {page}")
+    if failures:
+        raise FedpitError(f"{len(failures)} judge requests failed after retries ({failures[0]}); run the same "
+                          f"command again: finished runs and received verdicts are kept, only the rest is asked")
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     methods = _split_list(args.methods, "--methods")
+    # the method everything is measured against: the first listed baseline unless named
+    reference = args.reference or next((m for m in methods if m != "fedpit"), methods[0])
     return _batch(args, {m: [f"method.name='{m}'"] for m in methods}, f"comparison: {', '.join(methods)}",
-                  "comparison.md")
+                  "comparison.md", reference=reference)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -272,7 +286,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             xs[label] = float(value)
         except ValueError:
             xs[label] = float(len(xs))
-    return _batch(args, rows, f"sweep of {args.param}", "sweep.md", xs)
+    reference = f"{args.param.split('.')[-1]}={args.reference}" if args.reference else next(iter(rows))
+    return _batch(args, rows, f"sweep of {args.param}", "sweep.md", xs, reference=reference)
 
 
 def _judge_config(base, args: argparse.Namespace):
@@ -384,6 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--methods", required=True, help="comma-separated, e.g. fedpit,fedavg")
     compare.add_argument("--seeds", default="", help="comma-separated seeds, e.g. 0,1,2 (default: the config's)")
     compare.add_argument("--out", help="comparison folder (default: runs/<config>-comparison)")
+    compare.add_argument("--reference", help="method every other is paired with (default: the first listed "
+                         "method other than fedpit)")
     compare.add_argument("--quiet", action="store_true")
     compare.set_defaults(func=cmd_compare)
 
@@ -393,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--values", required=True, help="comma-separated values, e.g. 0,0.3,0.5,0.7,1")
     sweep.add_argument("--seeds", default="")
     sweep.add_argument("--out", help="sweep folder (default: runs/<config>-sweep)")
+    sweep.add_argument("--reference", help="value every other is paired with (default: the first)")
     sweep.add_argument("--quiet", action="store_true")
     sweep.set_defaults(func=cmd_sweep)
 

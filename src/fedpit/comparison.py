@@ -1,5 +1,6 @@
-"""`comparison.md` and plots across run directories: one row per method (or per swept value),
-utility per evaluation set as mean ± std over seeds, leakage where measured, cost per round."""
+"""`comparison.md` and plots across run directories: paired differences of every method against a
+reference method with 95% bootstrap CIs (the verdict), then one row per method (or swept value)
+with utility as mean ± std over seeds, leakage where measured, and cost per round."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from fedpit.paired import METRICS, SetComparison, compare_to_reference, verdict_words  # noqa: E402
 from fedpit.report import eval_rows, final_rows, privacy_rows, round_rows  # noqa: E402
 from fedpit.runs import RunDir, atomic_write_text  # noqa: E402
 
@@ -58,18 +60,26 @@ def _cell(values: list[float]) -> str:
 
 
 def write_comparison(root: Path, groups: dict[str, list[Path]], title: str, filename: str = "comparison.md",
-                     x_values: dict[str, float] | None = None) -> Path:
-    """`groups` maps a row label (method or swept value) to its runs (one per seed)."""
+                     x_values: dict[str, float] | None = None, reference: str | None = None) -> Path:
+    """`groups` maps a row label (method or swept value) to its runs (one per seed, in the same seed
+    order for every label); `reference` is the row every other is paired with."""
     summaries = {label: [summarise_run(p) for p in paths] for label, paths in groups.items()}
     columns = sorted({k for runs in summaries.values() for s in runs for k in s if not k.startswith(("_", "path"))},
                      key=lambda k: (k.count("/") == 0, k))
-    lines = [f"# {title}", "", f"{len(groups)} rows, {max(len(v) for v in groups.values())} seed(s) each; "
-             "utility is the global model after the last round (mean ± std over seeds).", "",
-             "| row | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    lines = [f"# {title}", ""]
+    plots: list[str] = []
+    if reference is not None and len(groups) > 1:
+        comparisons = compare_to_reference(groups, reference)
+        lines += difference_section(comparisons, reference, max(len(v) for v in groups.values()))
+        plots += _difference_plots(root, comparisons, reference)
+    lines += ["## All figures", "", f"{len(groups)} rows, {max(len(v) for v in groups.values())} seed(s) each; "
+              "utility is the final global model (the whole-set evaluation where it ran, else the last round), "
+              "mean ± std over seeds.", "",
+              "| row | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for label, runs in summaries.items():
         lines.append(f"| {label} | " + " | ".join(_cell([s.get(c) for s in runs]) for c in columns) + " |")
     lines.append("")
-    plots = _curves(root, summaries)
+    plots += _curves(root, summaries)
     if x_values:
         plots += _against(root, summaries, x_values)
     lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
@@ -78,6 +88,79 @@ def write_comparison(root: Path, groups: dict[str, list[Path]], title: str, file
     out = root / filename
     atomic_write_text(out, "\n".join(lines))
     return out
+
+
+def difference_section(comparisons: list[SetComparison], reference: str, seeds: int) -> list[str]:
+    resampled = "resampling seeds and examples" if seeds > 1 else "resampling examples"
+    lines = [f"## Against {reference}: paired differences with 95% CIs", "",
+             f"Each Δ is the mean over seeds and examples of (row − {reference}) on the same held-out examples, with "
+             f"its 95% bootstrap confidence interval [low, high] ({resampled}; {seeds} seed(s)). **Bold**: the "
+             "interval excludes 0, the difference is significant; otherwise it is not (n.s.). NLL: lower is "
+             "better; ROUGE-L, accuracy and judge Win+Tie: higher is better.", ""]
+    for comparison in comparisons:
+        metrics = [m for m in METRICS if any(m in d for d in comparison.differences.values())]
+        if not metrics and not comparison.judged:
+            continue
+        lines += [f"### {comparison.name} ({comparison.examples} examples)", "",
+                  "| row | " + " | ".join(f"{METRICS[m][0]} | Δ {METRICS[m][0]}" for m in metrics) + " | verdict |",
+                  "|---|" + "---|---|" * len(metrics) + "---|"]
+        for label, means in comparison.means.items():
+            diffs = comparison.differences.get(label, {})
+            cells = [f"{means[m]:.3f}" if m in means else "–" for m in metrics]
+            deltas = [diffs[m].describe() if m in diffs else ("reference" if label == reference else "–")
+                      for m in metrics]
+            row = " | ".join(f"{c} | {d}" for c, d in zip(cells, deltas))
+            lines.append(f"| {label} | {row} | {verdict_words(diffs) if diffs else ''} |")
+        lines.append("")
+        if comparison.judged:
+            lines += [f"Judge against the reference answers of {comparison.name} (both orders, all seeds): "
+                      + "; ".join(f"{label} {c['win']} win / {c['tie']} tie / {c['lose']} lose / {c['invalid']} "
+                                  f"invalid" for label, c in comparison.judged.items()), ""]
+        if comparison.head_to_head:
+            lines += [f"Judge, head to head against {reference} on {comparison.name} (both orders; Win+Tie and "
+                      "win − lose with 95% CIs):", "",
+                      "| row | win | tie | lose | invalid | Win+Tie | win − lose |", "|---|---|---|---|---|---|---|"]
+            for label, head in comparison.head_to_head.items():
+                lines.append(f"| {label} | {head['win']} | {head['tie']} | {head['lose']} | {head['invalid']} | "
+                             f"{head['win_tie'].describe()} | {head['net'].describe()} |")
+            lines.append("")
+    return lines
+
+
+def _difference_plots(root: Path, comparisons: list[SetComparison], reference: str) -> list[str]:
+    """Per set, one panel per metric: each row's difference to the reference with its 95% CI."""
+    files = []
+    for comparison in comparisons:
+        metrics = [m for m in METRICS if any(m in d for d in comparison.differences.values())]
+        if not metrics:
+            continue
+        labels = list(comparison.differences)
+        fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 0.5 * len(labels) + 1.6),
+                                 squeeze=False, sharey=True)
+        for ax, metric in zip(axes[0], metrics):
+            ys, means, errors, colours = [], [], [[], []], []
+            for y, label in enumerate(labels):
+                diff = comparison.differences[label].get(metric)
+                if diff is None:
+                    continue
+                ys.append(y)
+                means.append(diff.mean)
+                errors[0].append(diff.mean - diff.low)
+                errors[1].append(diff.high - diff.mean)
+                colours.append("tab:red" if diff.significant else "tab:gray")
+            for y, mean, low, high, colour in zip(ys, means, errors[0], errors[1], colours):
+                ax.errorbar([mean], [y], xerr=[[low], [high]], fmt="o", color=colour, capsize=3)
+            ax.axvline(0.0, color="black", linewidth=0.8)
+            ax.set_title(f"Δ {METRICS[metric][0]}", fontsize=9)
+            ax.grid(alpha=0.3)
+        axes[0, 0].set_yticks(range(len(labels)), labels)
+        fig.suptitle(f"{comparison.name}: difference to {reference}, 95% CI (red: significant)", fontsize=9)
+        fig.tight_layout()
+        file = f"differences_{comparison.name}.png"
+        fig.savefig(root / file, dpi=110)
+        plt.close(fig)
+        files.append(file)
+    return files
 
 
 def _curves(root: Path, summaries: dict[str, list[dict[str, Any]]]) -> list[str]:

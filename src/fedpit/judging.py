@@ -155,3 +155,19 @@ def load_verdicts(run_path: Path, stage: str, set_name: str, against: str = REFE
     if not file.is_file():
         return {}
     return {r["id"]: r["verdict"] for r in (json.loads(line) for line in file.read_text().splitlines() if line)}
+
+
+def judge_groups(groups: dict[str, list[Path]], reference: str | None, config: JudgeConfig,
+                 on_progress: Callable[[str, int, int], None] | None = None) -> list[str]:
+    """What `fedpit compare` asks the judge when `[eval.judge]` is set: every run against the reference
+    answers, and every row's run head to head against the reference row's run of the same seed.
+    One backend serves all; cached verdicts make a resumed comparison free. Returns the failures."""
+    backend = build_backend(config)
+    failures: list[str] = []
+    for label, paths in groups.items():
+        for index, path in enumerate(paths):
+            rival = groups[reference][index] if reference and label != reference else None
+            for against in ([None, rival] if rival is not None else [None]):
+                for result in judge_run(path, config, against=against, backend=backend, on_progress=on_progress):
+                    failures += result.failures
+    return failures

@@ -10,7 +10,6 @@ import socket
 import threading
 
 import pytest
-import torch
 
 from fedpit import config as config_mod
 from fedpit.cli import main
@@ -56,30 +55,10 @@ def test_cache_survives_a_torn_line(tmp_path):
     assert VerdictCache(tmp_path / "cache.jsonl").replies == {"k1": "[[A]]"}
 
 
-@pytest.fixture(scope="module")
-def tiny_served(tiny_model_dir):
-    handle = load_model(ModelConfig(name=str(tiny_model_dir), dtype="fp32"),
-                        LoraConfig(rank=4, alpha=8, target_modules=["q_proj", "v_proj"]))
-    state = handle.fresh_adapter(seed=0)
-    torch.manual_seed(1)
-    handle.set_adapter({k: v + torch.randn_like(v) for k, v in state.items()})  # random text, never a verdict
-    return ServedModel(handle=handle, template="chat", max_tokens_limit=8)
-
-
-def _start(model, api_key=None):
-    server = make_server(model, api_key=api_key, model_name="judge")
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    return server
-
-
 @pytest.fixture
-def server(tiny_served):
-    server = _start(tiny_served, api_key=KEY)
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
+def server(tiny_judge_server):
+    tiny_judge_server.api_key = KEY
+    return tiny_judge_server
 
 
 def _run_dir(tmp_path, name="run"):
@@ -175,7 +154,8 @@ def test_a_real_model_judges_through_the_server(tmp_path, monkeypatch):
     """SmolLM2 behind the server, asked for one letter, gives parseable verdicts; it picks the first
     answer whatever it is, and the two orders turn that position bias into ties."""
     handle = load_model(ModelConfig(dtype="fp32"), LoraConfig())
-    server = _start(ServedModel(handle=handle, template="chat"))
+    server = make_server(ServedModel(handle=handle, template="chat"), model_name="judge")
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     template = tmp_path / "one-letter.txt"
     template.write_text("You are a judge. Reply with a single letter: A or B.\n---\nQuestion: {instruction}\n"
                         "Answer A: {answer_a}\nAnswer B: {answer_b}\nWhich answer is better, A or B? Reply with one "
