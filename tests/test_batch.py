@@ -40,6 +40,18 @@ def test_sweep_over_beta(tmp_path, tiny_overrides):
     assert "| beta=0 |" in page and "| beta=1 |" in page
 
 
+def test_variants_are_rows_of_their_own(tmp_path, tiny_overrides, capsys):
+    out = tmp_path / "levers"
+    sets = [a for o in [*tiny_overrides, "federation.rounds=1", "model.threads=1"] for a in ("--set", o)]
+    assert main(["compare", "configs/demo.toml", *sets, "--methods", "fedavg", "--variant",
+                 "pit-beta1:method.name='fedpit';method.fedpit.beta=1.0", "--page", "levers.md", "--quiet",
+                 "--out", str(out)]) == 0
+    assert "| pit-beta1 |" in (out / "levers.md").read_text()
+    assert "beta = 1.0" in (out / "pit-beta1-seed0" / "config.toml").read_text()
+    assert main(["compare", "configs/demo.toml", *sets, "--variant", "no-overrides", "--out", str(out)]) == 2
+    assert "must look like LABEL:KEY=VALUE" in capsys.readouterr().err
+
+
 def test_compare_rejects_unknown_method(tmp_path, tiny_overrides, capsys):
     sets = [a for o in tiny_overrides for a in ("--set", o)]
     assert main(["compare", "configs/demo.toml", *sets, "--methods", "fedpit,fedmagic", "--out", str(tmp_path)]) == 2

@@ -268,12 +268,33 @@ def _batch(args: argparse.Namespace, rows: dict[str, list[str]], title: str, fil
     return 0
 
 
+def _variant(text: str) -> tuple[str, list[str]]:
+    """`LABEL:KEY=VALUE[;KEY=VALUE...]`: a row of its own, the config with these overrides."""
+    import re
+
+    label, sep, body = text.partition(":")
+    overrides = [o.strip() for o in body.split(";") if o.strip()]
+    if not sep or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=-]*", label) or not overrides:
+        raise FedpitError(f"--variant '{text}' must look like LABEL:KEY=VALUE[;KEY=VALUE...], e.g. "
+                          f"\"beta0.75:method.name='fedpit';method.fedpit.beta=0.75\" (LABEL: letters, digits, .=_-)")
+    return label, overrides
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
-    methods = _split_list(args.methods, "--methods")
-    # the method everything is measured against: the first listed baseline unless named
-    reference = args.reference or next((m for m in methods if m != "fedpit"), methods[0])
-    return _batch(args, {m: [f"method.name='{m}'"] for m in methods}, f"comparison: {', '.join(methods)}",
-                  "comparison.md", reference=reference)
+    methods = _split_list(args.methods, "--methods") if args.methods else []
+    rows = {m: [f"method.name='{m}'"] for m in methods}
+    for text in args.variant:
+        label, overrides = _variant(text)
+        if label in rows:
+            raise FedpitError(f"--variant label '{label}' is already a row; choose another")
+        rows[label] = overrides
+    if not rows:
+        raise FedpitError("nothing to compare: give --methods and/or --variant")
+    if Path(args.page).name != args.page or not args.page.endswith(".md"):
+        raise FedpitError(f"--page '{args.page}' must be a file name ending in .md (it is written in --out)")
+    # the row everything is measured against: the first listed baseline unless named
+    reference = args.reference or next((m for m in rows if m != "fedpit"), next(iter(rows)))
+    return _batch(args, rows, f"comparison: {', '.join(rows)}", args.page, reference=reference)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -396,7 +417,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     compare = sub.add_parser("compare", help="run several methods on identical clients and seeds; comparison.md")
     with_config(compare)
-    compare.add_argument("--methods", required=True, help="comma-separated, e.g. fedpit,fedavg")
+    compare.add_argument("--methods", default="", help="comma-separated, e.g. fedpit,fedavg")
+    compare.add_argument("--variant", action="append", default=[], metavar="LABEL:KEY=VALUE[;KEY=VALUE]",
+                         help="a further row: the config with these overrides, e.g. "
+                              "\"beta0.75:method.name='fedpit';method.fedpit.beta=0.75\" (repeatable)")
+    compare.add_argument("--page", default="comparison.md", help="file name of the comparison page")
     compare.add_argument("--seeds", default="", help="comma-separated seeds, e.g. 0,1,2 (default: the config's)")
     compare.add_argument("--out", help="comparison folder (default: runs/<config>-comparison)")
     compare.add_argument("--reference", help="method every other is paired with (default: the first listed "
