@@ -110,3 +110,22 @@ def test_final_evaluation_keeps_every_answer(tmp_path, tiny_overrides):
     assert [(e["round"], e["stage"]) for e in evals] == [(0, "round"), (1, "round"), (1, "final")]
     summary = evals[-1]["results"]["pubmedqa"]
     assert summary["n"] == 3 and summary["nll"] == pytest.approx(sum(r["nll"] for r in final["pubmedqa"]) / 3)
+
+
+def test_diagnose_measures_the_synthetic_data_a_run_kept(tmp_path, tiny_overrides, capsys):
+    from fedpit.cli import main
+
+    out = tmp_path / "run"
+    assert main(["run", "configs/demo.toml", *[a for o in tiny_overrides for a in ("--set", o)], "--quiet",
+                 "--out", str(out)]) == 0
+    assert main(["diagnose", str(out), "--quiet"]) == 0
+    figures = json.loads((out / "synthetic_quality.json").read_text())
+    kept = [json.loads(line) for f in out.glob("clients/*/synthetic/*.jsonl") for line in f.read_text().splitlines()]
+    assert figures["samples_passed"] == len(kept)
+    assert figures["samples_kept"] == sum(s["selected"] for s in kept) > 0
+    assert figures["base_nll_private"]["n"] == 36 and figures["base_nll_private"]["mean"] > 0
+    assert 0 < figures["pass_rate"] <= 1 and "base_nll" in capsys.readouterr().err
+    assert main(["run", "configs/demo.toml", *[a for o in tiny_overrides for a in ("--set", o)],
+                 "--set", "method.name='fedavg'", "--quiet", "--out", str(tmp_path / "avg")]) == 0
+    assert main(["diagnose", str(tmp_path / "avg")]) == 2
+    assert "kept no synthetic samples" in capsys.readouterr().err

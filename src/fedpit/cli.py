@@ -374,6 +374,41 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from fedpit.progress import RunProgress
+    from fedpit.runtimes.diagnose import synthetic_quality
+
+    path = Path(args.run_dir)
+    if not (path / "config.toml").is_file():
+        raise FedpitError(f"'{path}' is not a run directory (no config.toml)")
+    console = Console(stderr=True)
+    with RunProgress(quiet=args.quiet, console=console) as progress:
+        figures = synthetic_quality(path, progress)
+
+    def show(value) -> str:
+        if isinstance(value, dict) and "mean" in value:
+            return f"{value['mean']:.3f} [{value['low']:.3f}, {value['high']:.3f}] (n={value['n']})"
+        if isinstance(value, float):
+            return f"{value:.3f}"
+        return str(value)
+
+    table = Table(title=f"synthetic data of {path} (kept samples) vs the private data")
+    table.add_column("figure")
+    table.add_column("synthetic")
+    table.add_column("private")
+    for name in ("base_nll", "response_words", "distinct_2"):
+        table.add_row(name, show(figures[f"{name}_synthetic"]), show(figures[f"{name}_private"]))
+    for name in ("samples_passed", "samples_kept", "pass_rate", "filtered", "repeats_earlier_round",
+                 "rouge_vs_private_mean", "rouge_vs_private_above_0.5"):
+        table.add_row(name, show(figures[name]), "")
+    console.print(table)
+    console.print(f"written: {path / 'synthetic_quality.json'}")
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from fedpit.methods import METHODS
 
@@ -508,6 +543,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key-env", default="", help="require 'Authorization: Bearer <key>' with the key from "
                        "this environment variable")
     serve.set_defaults(func=cmd_serve)
+
+    diagnose = sub.add_parser("diagnose", help="quality of a run's synthetic data next to its private data")
+    diagnose.add_argument("run_dir")
+    diagnose.add_argument("--quiet", action="store_true")
+    diagnose.set_defaults(func=cmd_diagnose)
 
     methods = sub.add_parser("methods", help="list registered methods")
     methods.set_defaults(func=cmd_methods)
