@@ -21,12 +21,17 @@ def test_fedpit_on_medquad_with_smollm2(tmp_path, data_dir, capsys):
         "federation.rounds=1", "synth.num_candidates=3", "synth.max_instructions=6", "synth.batch_size=6",
         "synth.num_response_demos=2", "synth.max_new_tokens_instruction=24", "synth.max_new_tokens_response=40",
         "method.keep=2", "eval.sets=['medquad']", "eval.num_examples=4", "eval.max_new_tokens=24",
+        "eval.final_sets=['medquad','pubmedqa']", "eval.final_num_examples=6",
     ]
     argv = ["run", "configs/demo.toml", *[a for o in overrides for a in ("--set", o)], "--quiet", "--out", str(out)]
     assert main(argv) == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    evals = [r for r in records if r["kind"] == "eval"]
+    evals = [r for r in records if r["kind"] == "eval" and r["stage"] == "round"]
     assert [e["round"] for e in evals] == [0, 1]
+    final = next(r for r in records if r["kind"] == "eval" and r["stage"] == "final")["results"]
+    assert final["medquad"]["n"] == 6 and 0.0 <= final["pubmedqa"]["accuracy"] <= 1.0
+    kept = [json.loads(line) for line in (out / "eval" / "final" / "pubmedqa.jsonl").read_text().splitlines()]
+    assert len(kept) == 6 and all(r["answer"] and r["decision"] in ("yes", "no", "maybe") for r in kept)
     assert all(0.0 <= e["results"]["medquad"]["rougeL"] <= 1.0 for e in evals)
     assert evals[0]["results"]["medquad"]["nll"] != evals[1]["results"]["medquad"]["nll"]
     round_record = next(r for r in records if r["kind"] == "round")
