@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from fedpit.config import LoraConfig, ModelConfig
-from fedpit.engines.scoring import ifs_scores, reference_nll
+from fedpit.engines.scoring import ifs_scores, option_logprobs, reference_nll
 from fedpit.model import load_model
 from fedpit.prompts import AlpacaFormat
 from fedpit.types import Example
@@ -39,3 +39,21 @@ def test_batched_scores_equal_single_scores(tiny_model_dir):
     batched = reference_nll(handle, fmt, examples, 256, batch_size=5)
     single = [reference_nll(handle, fmt, [e], 256, batch_size=1)[0] for e in examples]
     assert max(abs(a - b) for a, b in zip(batched, single)) < 1e-4
+
+
+def test_option_logprobs_add_every_spelling_and_ignore_padding(tiny_model_dir):
+    """log P(first response token spells the option), against the unpadded model's last-position
+    distribution; a batch of prompts of different lengths gives each prompt's own values."""
+    handle = load_model(ModelConfig(name=str(tiny_model_dir), dtype="fp32"), LoraConfig(rank=4, alpha=8))
+    tok = handle.tokenizer
+    prompts = [AlpacaFormat().render("Is aspirin an anticoagulant? " * n) for n in (1, 4, 9)]
+    batched = option_logprobs(handle, prompts, ("yes", "no", "maybe"), 256, batch_size=3)
+    for prompt, values in zip(prompts, batched):
+        ids = torch.tensor([tok(prompt)["input_ids"]])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(handle.model(input_ids=ids).logits[0, -1].float(), dim=-1)
+        for option, value in zip(("yes", "no", "maybe"), values):
+            firsts = {tok(v, add_special_tokens=False)["input_ids"][0]
+                      for v in (option, option.capitalize(), f" {option}", f" {option.capitalize()}")}
+            expected = torch.logsumexp(logprobs[sorted(firsts)], dim=0).item()
+            assert abs(value - expected) < 1e-4

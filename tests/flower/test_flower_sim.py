@@ -58,8 +58,12 @@ def test_flower_simulation_matches_the_in_process_simulator(tmp_path, tiny_overr
 
 def test_bf16_transport_runs_and_records_wire_bytes(tmp_path, tiny_overrides):
     config = config_mod.load(None, [*tiny_overrides, *SIM, "federation.rounds=1", "method.name='fedavg'",
-                                    "flower.transport='bf16'"])
+                                    "flower.transport='bf16'", "eval.final_sets=['medinstruct']",
+                                    "eval.final_num_examples=2", "eval.max_new_tokens=4"])
     run = run_simulation(config, tmp_path / "bf16")
+    # the server's final evaluation keeps its answers on Flower as in process
+    assert [r["id"] for r in RunDir(run).load_answers("final")["medinstruct"]] == [
+        e.id for e in prepare(config).federation.final_sets["medinstruct"]]
     sent = next(r for r in RunDir(run).metrics() if r["kind"] == "round")
     fp32_bytes = sum(t.numel() * 4 for t in _adapter(run).values())
     assert all(c["upload_bytes"] < fp32_bytes for c in sent["clients"].values())

@@ -7,7 +7,9 @@ model predict the response, i.e. the pair is a coherent instruction/answer.
 
 from __future__ import annotations
 
-from fedpit.engines.encoding import EncodedPair, collate, encode_pair, target_token_losses
+import torch
+
+from fedpit.engines.encoding import EncodedPair, collate, encode_pair, last_positions, target_token_losses
 from fedpit.model import ModelHandle
 from fedpit.prompts import PromptFormat
 from fedpit.types import Example
@@ -45,3 +47,30 @@ def ifs_scores(handle: ModelHandle, fmt: PromptFormat, examples: list[Example],
         alone = target_losses(handle, [encode_pair(handle.tokenizer, None, e.output, max_length) for e in examples],
                               batch_size)
     return [c / a if a > 0 else float("inf") for c, a in zip(conditional, alone)]
+
+
+def option_logprobs(handle: ModelHandle, prompts: list[str], options: tuple[str, ...], max_length: int,
+                    batch_size: int = 16) -> list[list[float]]:
+    """log P(the response starts with option k | prompt), one prefill per prompt: how a multiple-choice
+    answer (PubMedQA's yes / no / maybe) is read from a model that does not say it in words. An option
+    counts in every spelling a response could start with (yes, Yes, " yes", ...): their probabilities add."""
+    tokenizer = handle.tokenizer
+    spellings = [{tokenizer(variant, add_special_tokens=False)["input_ids"][0]
+                  for variant in (option, option.capitalize(), f" {option}", f" {option.capitalize()}")}
+                 for option in options]
+    encoded = [tokenizer(p, add_special_tokens=True)["input_ids"][-max_length:] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    results: list[list[float]] = [[] for _ in prompts]
+    with handle.inference(), torch.no_grad():
+        for first in range(0, len(order), batch_size):
+            rows = order[first : first + batch_size]
+            pairs = [EncodedPair(input_ids=encoded[i], num_context=len(encoded[i])) for i in rows]
+            batch = collate(pairs, tokenizer.pad_token_id, handle.device, left=True)
+            width = batch["input_ids"].shape[1]
+            logits = handle.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                  position_ids=batch["position_ids"],
+                                  logits_to_keep=last_positions(width, 1, handle.device)).logits[:, -1]
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            for row, values in zip(rows, logprobs):
+                results[row] = [float(torch.logsumexp(values[sorted(ids)], dim=0)) for ids in spellings]
+    return results

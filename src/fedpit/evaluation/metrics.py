@@ -1,5 +1,8 @@
 """Utility of a model without external services: ROUGE-L of generated answers against references,
-mean NLL of the reference answers, and PubMedQA yes/no/maybe accuracy.
+mean NLL of the reference answers, and PubMedQA yes/no/maybe accuracy: `accuracy` takes the decision
+the model finds likeliest as the first word of its answer (the usual zero-shot reading, which works
+for small models that rarely state a decision), `accuracy_generated` the first yes/no/maybe word of
+the generated answer.
 
 Every figure is kept per example, beside the answer it came from: a difference between two
 methods is only measurable when both were scored on the same examples (paired), and an answer
@@ -15,12 +18,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedpit.engines.generation import DecodingOptions, generate
-from fedpit.engines.scoring import reference_nll
+from fedpit.engines.scoring import option_logprobs, reference_nll
 from fedpit.model import ModelHandle
 from fedpit.prompts import PromptFormat
 from fedpit.textmetrics import rouge_l
 from fedpit.types import AdapterState, Example
 
+DECISIONS = ("yes", "no", "maybe")
 DECISION = re.compile(r"\b(yes|no|maybe)\b", re.IGNORECASE)
 PER_EXAMPLE_METRICS = ("nll", "rougeL", "correct")
 """Per-example fields that a set's summary averages and a comparison pairs."""
@@ -56,8 +60,9 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, float]:
     nll = sum(r["nll"] for r in records) / len(records)
     metrics = {"rougeL": sum(r["rougeL"] for r in records) / len(records), "nll": nll,
                "perplexity": math.exp(min(50.0, nll)), "n": float(len(records))}
-    if all("correct" in r for r in records):
-        metrics["accuracy"] = sum(r["correct"] for r in records) / len(records)
+    for key, name in (("correct", "accuracy"), ("correct_generated", "accuracy_generated")):
+        if all(key in r for r in records):
+            metrics[name] = sum(r[key] for r in records) / len(records)
     return metrics
 
 
@@ -74,16 +79,22 @@ def evaluate_set(
                                max_prompt_tokens=max(16, options.max_length - options.max_new_tokens))
     answers = generate(handle, prompts, decoding, batch_size=options.batch_size, on_batch=on_progress)
     nlls = reference_nll(handle, fmt, examples, options.max_length, options.batch_size)
+    decided = [i for i, e in enumerate(examples) if e.meta.get("decision")]
+    choices = dict(zip(decided, option_logprobs(handle, [prompts[i] for i in decided], DECISIONS, options.max_length,
+                                                options.batch_size))) if decided else {}
     records = []
-    for example, answer, nll in zip(examples, answers, nlls):
+    for index, (example, answer, nll) in enumerate(zip(examples, answers, nlls)):
         record: dict[str, Any] = {"id": example.id, "instruction": example.instruction, "input": example.input,
                                   "reference": example.output, "answer": answer, "nll": nll,
                                   "rougeL": rouge_l(example.output, answer)}
         decision = example.meta.get("decision")
         if decision:
+            scores = choices[index]
             record["decision"] = decision
-            record["predicted_decision"] = decision_of(answer)
-            record["correct"] = float(record["predicted_decision"] == decision)
+            record["scored_decision"] = DECISIONS[max(range(len(DECISIONS)), key=scores.__getitem__)]
+            record["correct"] = float(record["scored_decision"] == decision)
+            record["generated_decision"] = decision_of(answer)
+            record["correct_generated"] = float(record["generated_decision"] == decision)
         records.append(record)
     return SetResult(metrics=summarise(records), records=records)
 
