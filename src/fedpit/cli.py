@@ -141,9 +141,13 @@ def cmd_flower(args: argparse.Namespace) -> int:
         else:
             from fedpit.runtimes.flower.server_app import check_config
 
-            check_config(_load_config(args))  # a bad config fails here, before anything is sent
+            from fedpit import config as config_mod
+
+            config = _load_config(args)
+            check_config(config)  # a bad config fails here, before anything is sent
             app = dep.write_app(home / "app")
-            command = dep.submit_command(app, Path(args.config), Path(args.run_dir), args.clients, args.resume)
+            submitted = dep.write_submission(home, Path(args.run_dir), config_mod.dumps(config))
+            command = dep.submit_command(app, submitted, Path(args.run_dir), args.clients, args.resume)
             subprocess.run(command, env=env, check=False, timeout=args.timeout)  # streams the ServerApp's log
             # `flwr run --stream` exits 0 even when the ServerApp failed: the run directory says how it ended.
             status = dep.wait_for_run(Path(args.run_dir), timeout=30)

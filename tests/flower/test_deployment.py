@@ -158,3 +158,20 @@ def test_a_supernode_that_dies_is_dropped_and_resumes_its_state_after_restart(
     assert sorted(rounds[3]["clients"]) == ["clinic-0", "clinic-1"]
     assert rounds[3]["clients"]["clinic-1"]["state_from_round"] == 1, "the restarted node resumed its private state"
     assert rounds[3]["clients"]["clinic-0"]["state_from_round"] == 2
+
+
+def test_submit_sends_the_config_with_its_overrides(tmp_path, monkeypatch):
+    """`fedpit flower submit CONFIG --set ...` must run exactly what was asked: the ServerApp reads a
+    file, so the submitted file carries the overrides (it once carried the bare CONFIG)."""
+    import fedpit.runtimes.flower.deployment as deployment
+    from fedpit.cli import main
+
+    sent = []
+    monkeypatch.setattr(subprocess, "run", lambda command, **kw: sent.append(command))
+    monkeypatch.setattr(deployment, "wait_for_run", lambda run_dir, timeout: {"status": "complete"})
+    assert main(["flower", "--flwr-home", str(tmp_path / "home"), "submit", "configs/demo.toml", "--set",
+                 "federation.rounds=2", "--set", "method.beta=0.25", "--superlink", "127.0.0.1:9", "--run-dir",
+                 str(tmp_path / "run")]) == 0
+    run_config = sent[0][sent[0].index("--run-config") + 1]
+    submitted = config_mod.load(json.loads(run_config.split("config=", 1)[1].split(" run-dir=")[0]))
+    assert submitted.federation.rounds == 2 and submitted.method.options["beta"] == 0.25

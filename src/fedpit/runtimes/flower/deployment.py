@@ -132,6 +132,16 @@ def write_connection(flwr_home: Path, superlink: str, root_certificates: Path | 
         f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{superlink}"\n{security}\n')
 
 
+def write_submission(flwr_home: Path, run_dir: Path, config_toml: str) -> Path:
+    """The resolved config (file plus every --set) as the ServerApp must run it: `flwr run` passes a
+    path, so the overrides have to be in a file, or the ServerApp would run the file without them."""
+    folder = Path(flwr_home).resolve() / "submitted"
+    private_dir(folder)
+    path = folder / f"{Path(run_dir).resolve().name}-{time.strftime('%Y%m%d-%H%M%S')}.toml"
+    path.write_text(config_toml, encoding="utf-8")
+    return path
+
+
 def submit_command(app_dir: Path, config: Path, run_dir: Path, clients: int, resume: bool = False,
                    stream: bool = True) -> list[str]:
     paths = {"config": str(Path(config).resolve()), "run-dir": str(Path(run_dir).resolve())}
