@@ -139,9 +139,8 @@ def cmd_flower(args: argparse.Namespace) -> int:
         if args.action == "register":
             command = [dep._tool("flwr"), "supernode", "register", args.key, dep.CONNECTION]
         else:
-            from fedpit.runtimes.flower.server_app import check_config
-
             from fedpit import config as config_mod
+            from fedpit.runtimes.flower.server_app import check_config
 
             config = _load_config(args)
             check_config(config)  # a bad config fails here, before anything is sent
@@ -154,6 +153,8 @@ def cmd_flower(args: argparse.Namespace) -> int:
             print(f"run {status['status']}: {args.run_dir}")
             return 0 if status["status"] == "complete" else 1
     print(" ".join(command), file=sys.stderr)
+    if args.action in ("superlink", "supernode"):
+        return dep.run_foreground(command, env)  # SIGTERM / Ctrl-C reach every Flower process it starts
     return subprocess.run(command, env=env, check=False).returncode
 
 

@@ -175,3 +175,52 @@ def test_submit_sends_the_config_with_its_overrides(tmp_path, monkeypatch):
     run_config = sent[0][sent[0].index("--run-config") + 1]
     submitted = config_mod.load(json.loads(run_config.split("config=", 1)[1].split(" run-dir=")[0]))
     assert submitted.federation.rounds == 2 and submitted.method.options["beta"] == 0.25
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie waiting to be reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _descendants(pid: int) -> set[int]:
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = set(_children_of(frontier)) - found
+        found |= frontier
+    return found
+
+
+def test_sigterm_to_the_superlink_helper_stops_every_flower_process(tmp_path):
+    """A service manager stops `fedpit flower superlink` with SIGTERM: flower-superlink and the
+    flower-superexec processes it started must end too, not linger orphaned."""
+    import signal
+    import sys
+
+    port = _free_port()
+    helper = subprocess.Popen([str(Path(sys.executable).parent / "fedpit"), "flower", "--flwr-home",
+                               str(tmp_path / "home"), "superlink", "--port", str(port), "--host", "127.0.0.1",
+                               "--state-dir", str(tmp_path / "link")], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    spawned: set[int] = set()
+    try:
+        _wait_for_port(port)
+        deadline = time.monotonic() + 20
+        while len(_descendants(helper.pid)) < 2 and time.monotonic() < deadline:  # superlink + superexec
+            time.sleep(0.5)
+        spawned = _descendants(helper.pid)
+        assert len(spawned) >= 2, spawned
+        helper.send_signal(signal.SIGTERM)
+        assert helper.wait(timeout=60) is not None
+        deadline = time.monotonic() + 30
+        while any(_alive(pid) for pid in spawned) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not [pid for pid in spawned if _alive(pid)], "an orphaned Flower process is left"
+    finally:
+        if helper.poll() is None:
+            helper.kill()
+        for pid in spawned | _descendants(helper.pid):  # only what this test started, by PID
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)

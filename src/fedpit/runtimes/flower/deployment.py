@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -149,6 +150,42 @@ def submit_command(app_dir: Path, config: Path, run_dir: Path, clients: int, res
     run_config += f" clients={clients} resume={'true' if resume else 'false'}"
     command = [_tool("flwr"), "run", str(app_dir), CONNECTION, "--run-config", run_config]
     return [*command, "--stream"] if stream else command
+
+
+def run_foreground(command: list[str], env: dict[str, str], grace: float = 15.0) -> int:
+    """Run a Flower process in the foreground as the leader of its own process group, and pass SIGTERM
+    (what a service manager sends) and SIGINT (Ctrl-C) on to that whole group: flower-superlink and
+    flower-supernode start flower-superexec processes that would otherwise outlive a stopped helper.
+    Waits for the group to end; what is still there `grace` seconds after the leader ended is killed."""
+    process = subprocess.Popen(command, env=env, start_new_session=True)
+
+    def signal_group(signum: int, _frame=None) -> None:
+        try:
+            os.killpg(process.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    previous = {sig: signal.signal(sig, signal_group) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        code = process.wait()  # a forwarded signal does not interrupt the wait (PEP 475)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        signal_group(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and _group_alive(process.pid):
+            time.sleep(0.2)
+        if _group_alive(process.pid):
+            signal_group(signal.SIGKILL)
+    return code
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 @dataclass
