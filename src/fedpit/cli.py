@@ -396,6 +396,8 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     def show(value) -> str:
         if isinstance(value, dict) and "mean" in value:
             return f"{value['mean']:.3f} [{value['low']:.3f}, {value['high']:.3f}] (n={value['n']})"
+        if isinstance(value, dict):
+            return ", ".join(f"{k} {v:g}" for k, v in value.items())
         if isinstance(value, float):
             return f"{value:.3f}"
         return str(value)
