@@ -193,9 +193,11 @@ def test_a_pickled_adapter_is_refused(tmp_path, trained):
         load_served_model(tmp_path)
 
 
-def test_fedpit_serve_prints_the_url_and_stops_on_sigterm(trained):
-    process = subprocess.Popen([sys.executable, "-m", "fedpit.cli", "serve", str(trained[0] / "adapter"), "--dtype",
-                                "fp32", "--port", "0"], text=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+def test_serve_forever_prints_the_url_and_stops_on_sigterm(trained):
+    code = ("import sys; from fedpit.serving import load_served_model, serve_forever; "
+            "serve_forever(load_served_model(sys.argv[1], dtype='fp32'), port=0)")
+    process = subprocess.Popen([sys.executable, "-c", code, str(trained[0] / "adapter")], text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
         url = re.search(r"http://127\.0\.0\.1:\d+/v1", process.stdout.readline()).group(0)
         with urllib.request.urlopen(url.removesuffix("/v1") + "/health", timeout=30) as answer:
