@@ -28,7 +28,7 @@ from fedpit.evaluation.judge import (
     win_tie,
 )
 from fedpit.evaluation.stats import Difference, paired_difference
-from fedpit.runs import RunDir, atomic_write_text
+from fedpit.runs import RunDir, atomic_write_text, finite_json
 
 REFERENCE = "reference"
 SCORE = {"win": 1.0, "tie": 0.0, "lose": -1.0}
@@ -142,11 +142,9 @@ def _save(run: RunDir, stage: str, verdicts: SetVerdicts, records: list[dict], c
     summary_file = run.path / "judge" / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     counts = verdicts.counts()
-    share = win_tie(counts)
     summary[f"{stage}/{verdicts.set}/vs-{verdicts.against}"] = {
-        "judge_model": config.model, "template": config.template, **counts,
-        "win_tie": share if share == share else None}
-    atomic_write_text(summary_file, json.dumps(summary, indent=2))
+        "judge_model": config.model, "template": config.template, **counts, "win_tie": win_tie(counts)}
+    atomic_write_text(summary_file, json.dumps(finite_json(summary), indent=2, allow_nan=False))
 
 
 def load_verdicts(run_path: Path, stage: str, set_name: str, against: str = REFERENCE) -> dict[str, str]:

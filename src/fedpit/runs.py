@@ -104,7 +104,7 @@ class RunDir:
         atomic_write_text(self.path / "run.json", json.dumps(data, indent=2, default=str))
 
     def append_metrics(self, record: dict[str, Any]) -> None:
-        line = json.dumps(_finite(record), default=_json_default, allow_nan=False) + "\n"
+        line = json.dumps(finite_json(record), default=_json_default, allow_nan=False) + "\n"
         with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as handle:
             handle.write(line[: len(line) // 2])
             handle.flush()
@@ -200,7 +200,7 @@ class RunDir:
 
     def save_answers(self, stage: str, name: str, records: list[dict[str, Any]], client: str | None = None) -> Path:
         path = self.answers_dir(stage, client) / f"{name}.jsonl"
-        atomic_write_text(path, "".join(json.dumps(_finite(r), allow_nan=False) + "\n" for r in records))
+        atomic_write_text(path, "".join(json.dumps(finite_json(r), allow_nan=False) + "\n" for r in records))
         return path
 
     def load_answers(self, stage: str, client: str | None = None) -> dict[str, list[dict[str, Any]]]:
@@ -281,14 +281,14 @@ def unflatten_state(tensors: dict[str, Any], values: dict[str, Any]) -> dict[str
     return state
 
 
-def _finite(value: Any) -> Any:
-    """NaN/inf become null: metrics.jsonl stays strict JSON that any tool can read."""
+def finite_json(value: Any) -> Any:
+    """NaN/inf become None (null): metrics, answers and reports stay strict JSON that any tool can read."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: finite_json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
+        return [finite_json(v) for v in value]
     return value
 
 

@@ -154,13 +154,13 @@ def test_a_real_model_judges_through_the_server(tmp_path, monkeypatch):
     """SmolLM2 behind the server, asked for one letter, gives parseable verdicts; it picks the first
     answer whatever it is, and the two orders turn that position bias into ties."""
     handle = load_model(ModelConfig(dtype="fp32"), LoraConfig())
-    server = make_server(ServedModel(handle=handle, template="chat"), model_name="judge")
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     template = tmp_path / "one-letter.txt"
     template.write_text("You are a judge. Reply with a single letter: A or B.\n---\nQuestion: {instruction}\n"
                         "Answer A: {answer_a}\nAnswer B: {answer_b}\nWhich answer is better, A or B? Reply with one "
                         "letter.")
-    try:
+    server = make_server(ServedModel(handle=handle, template="chat"), model_name="judge")
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:  # the server is stopped whatever happens from here
         run = _run_dir(tmp_path)
         config = JudgeConfig(endpoint=server.url, model="judge", api_key_env="", max_tokens=4,
                              template=str(template))

@@ -23,7 +23,7 @@ import numpy as np
 from fedpit.errors import FedpitError
 from fedpit.evaluation.stats import paired_difference
 from fedpit.progress import RunProgress
-from fedpit.runs import RunDir, atomic_write_text
+from fedpit.runs import RunDir, atomic_write_text, finite_json
 from fedpit.runtimes.local import prepare
 from fedpit.textmetrics import max_rouge_l
 from fedpit.types import Example
@@ -109,5 +109,5 @@ def synthetic_quality(run_path: Path, progress: RunProgress | None = None) -> di
         "rouge_vs_private_above_0.5": (sum(s["max_rouge_vs_private"] > 0.5 for s in kept) / len(kept)) if kept
         else None,
     }
-    atomic_write_text(run.path / "synthetic_quality.json", json.dumps(figures, indent=2).replace("NaN", "null"))
+    atomic_write_text(run.path / "synthetic_quality.json", json.dumps(finite_json(figures), indent=2, allow_nan=False))
     return figures
