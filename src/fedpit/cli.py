@@ -316,13 +316,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return _batch(args, rows, f"sweep of {args.param}", "sweep.md", xs, reference=reference)
 
 
-def _judge_config(base, args: argparse.Namespace):
-    """The run's [eval.judge], with the command line's choices on top."""
-    from dataclasses import replace
+def _judge_config(run_config, args: argparse.Namespace):
+    """The run's [eval.judge] with the command line's choices on top, validated like any config (so a key
+    given where its variable's name belongs, or a negative concurrency, is refused)."""
+    from fedpit import config as config_mod
 
-    changes = {key: getattr(args, key) for key in ("endpoint", "model", "api_key_env", "template", "max_concurrency")
-               if getattr(args, key) is not None}
-    judge = replace(base, **changes)
+    changes = {f"eval.judge.{key}": getattr(args, key) for key in
+               ("endpoint", "model", "api_key_env", "template", "max_concurrency") if getattr(args, key) is not None}
+    judge = config_mod.replace(run_config, **changes).eval.judge
     if not judge.endpoint or not judge.model:
         raise FedpitError("no judge: give --endpoint URL and --model NAME (or set [eval.judge] endpoint and model in "
                           "the run's config)")
@@ -340,7 +341,7 @@ def cmd_judge(args: argparse.Namespace) -> int:
     for path in [args.run_dir, *([args.against] if args.against else [])]:
         if not (Path(path) / "config.toml").is_file():
             raise FedpitError(f"'{path}' is not a run directory (no config.toml)")
-    judge = _judge_config(RunDir(Path(args.run_dir)).config().eval.judge, args)
+    judge = _judge_config(RunDir(Path(args.run_dir)).config(), args)
     console = Console(stderr=True)
     with RunProgress(quiet=args.quiet, console=console) as progress:
         results = judge_run(Path(args.run_dir), judge, args.round, args.set or None,

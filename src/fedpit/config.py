@@ -457,8 +457,8 @@ def validate(config: Config) -> None:
         raise ConfigError("eval.judge.endpoint is set but eval.judge.model is empty; name the judge model the "
                           "endpoint serves, e.g. --set eval.judge.model='gpt-4o'")
     if judge.api_key_env and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", judge.api_key_env):
-        raise ConfigError(f"eval.judge.api_key_env is {judge.api_key_env!r}; it is the *name* of the environment "
-                          f"variable that holds the key (e.g. OPENAI_API_KEY), never the key itself; '' for none")
+        raise ConfigError("eval.judge.api_key_env is not a variable name; it is the *name* of the environment "
+                          "variable that holds the key (e.g. OPENAI_API_KEY), never the key itself; '' for none")
     for key, allowed in (("privacy.attacks", ATTACKS), ("privacy.targets", ATTACK_TARGETS)):
         for name in _get(config, key):
             if name not in allowed:

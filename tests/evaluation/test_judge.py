@@ -144,6 +144,10 @@ def test_judge_without_answers_or_endpoint_says_what_to_do(tmp_path, capsys):
     assert "kept no evaluation answers" in capsys.readouterr().err
     assert main(["judge", str(run.path)]) == 2
     assert "give --endpoint URL and --model NAME" in capsys.readouterr().err
+    assert main(["judge", str(run.path), "--endpoint", "http://127.0.0.1:9/v1", "--model", "m", "--api-key-env",
+                 "sk-live-123"]) == 2  # a key where the variable's name belongs
+    err = capsys.readouterr().err
+    assert "never the key itself" in err and "sk-live-123" not in err  # nor is it echoed
     with pytest.raises(FedpitError, match="no answers for set"):
         run.save_answers("final", "medquad", ANSWERS)
         judge_run(run.path, JudgeConfig(endpoint="http://127.0.0.1:9/v1", model="m"), sets=["pubmedqa"])
