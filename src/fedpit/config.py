@@ -102,6 +102,7 @@ class TrainConfig:
     epochs: int = 1
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    max_steps: int = 0
 
 
 @dataclass(frozen=True)
@@ -171,6 +172,34 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class DPConfig:
+    """`[privacy.dp]`: record-level DP-SGD in every local training on private examples (Abadi et al.
+    2016): per-example clipping to `max_grad_norm`, Gaussian noise of std noise_multiplier * max_grad_norm,
+    Poisson sampling of batches; epsilon per client accumulated over rounds by an Opacus accountant."""
+
+    enabled: bool = False
+    noise_multiplier: float = 0.0
+    target_epsilon: float = 0.0
+    max_grad_norm: float = 1.0
+    delta: float = 1e-5
+    accountant: str = "rdp"
+
+
+@dataclass(frozen=True)
+class ClientDPConfig:
+    """`[privacy.client_dp]`: client-level DP (DP-FedAvg, McMahan et al. 2018) on the server: each
+    client's update W_a,k - W_g clipped to `clip_norm`, the uniform mean of the clipped updates plus
+    Gaussian noise of std noise_multiplier * clip_norm / (sampled clients)."""
+
+    enabled: bool = False
+    noise_multiplier: float = 0.0
+    target_epsilon: float = 0.0
+    clip_norm: float = 0.1
+    delta: float = 1e-3
+    accountant: str = "rdp"
+
+
+@dataclass(frozen=True)
 class PrivacyConfig:
     enabled: bool = False
     every: int = 1
@@ -186,6 +215,8 @@ class PrivacyConfig:
     canary_digits: int = 6
     canary_candidates: int = 1000
     save_uploads: bool = True
+    dp: DPConfig = field(default_factory=DPConfig)
+    client_dp: ClientDPConfig = field(default_factory=ClientDPConfig)
 
 
 @dataclass(frozen=True)
@@ -230,6 +261,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.schedule": ("cosine", "constant"),
     "synth.decoding": ("greedy", "sample"),
     "flower.transport": ("fp32", "bf16"),
+    "privacy.dp.accountant": ("rdp", "prv"),
+    "privacy.client_dp.accountant": ("rdp", "prv"),
 }
 EVAL_SETS = ("medquad", "medinstruct", "pubmedqa")
 ATTACKS = ("memorization", "membership", "canary")
@@ -429,7 +462,8 @@ def validate(config: Config) -> None:
                     "flower.client_cpus", "flower.client_gpus", "flower.wait_for_nodes",
                     "model.threads", "synth.max_redraws", "eval.every",
                     "output.checkpoint_every", "train.weight_decay", "train.max_grad_norm",
-                    "train.min_learning_rate", "eval.final_num_examples", "eval.judge.max_retries"]
+                    "train.min_learning_rate", "eval.final_num_examples", "eval.judge.max_retries",
+                    "train.max_steps"]
     for key in non_negative:
         if _get(config, key) < 0:
             raise ConfigError(f"config key '{key}' must be >= 0, got {_get(config, key)}")
@@ -472,9 +506,29 @@ def validate(config: Config) -> None:
         raise ConfigError(f"config key 'privacy.canary_digits' must be within [2, 12], got {privacy.canary_digits}")
     if privacy.canary_clients < 0 or privacy.every < 0:
         raise ConfigError("config keys 'privacy.canary_clients' and 'privacy.every' must be >= 0")
+    _validate_dp(privacy.dp, "privacy.dp", "max_grad_norm")
+    _validate_dp(privacy.client_dp, "privacy.client_dp", "clip_norm")
     partition = config.data.partition
     if config.federation.clients_per_round > partition.num_clients and partition.kind != "natural":
         raise ConfigError(
             f"federation.clients_per_round={config.federation.clients_per_round} exceeds "
             f"data.partition.num_clients={config.data.partition.num_clients}; lower it or use 0 for all clients"
         )
+
+
+def _validate_dp(dp: DPConfig | ClientDPConfig, where: str, clip_key: str) -> None:
+    """Exactly one of noise_multiplier and target_epsilon, a positive clip bound, 0 < delta < 1.
+    Checked whether or not `enabled`, so a table that is switched on later is already sound."""
+    clip = getattr(dp, clip_key)
+    if clip <= 0:
+        raise ConfigError(f"config key '{where}.{clip_key}' must be > 0 (the clipping bound), got {clip}")
+    if not 0.0 < dp.delta < 1.0:
+        raise ConfigError(f"config key '{where}.delta' must be within (0, 1), got {dp.delta}")
+    if dp.noise_multiplier < 0 or dp.target_epsilon < 0:
+        raise ConfigError(f"config keys '{where}.noise_multiplier' and '{where}.target_epsilon' must be >= 0")
+    if not dp.enabled:
+        return
+    if (dp.noise_multiplier > 0) == (dp.target_epsilon > 0):
+        raise ConfigError(f"{where} is enabled: set exactly one of {where}.noise_multiplier (the noise, sigma) or "
+                          f"{where}.target_epsilon (the noise is then calibrated to reach it), got "
+                          f"noise_multiplier={dp.noise_multiplier}, target_epsilon={dp.target_epsilon}")
