@@ -17,6 +17,17 @@ from fedpit.runs import RunDir, atomic_write_text  # noqa: E402
 
 UTILITY_METRICS = ("rougeL", "nll", "accuracy")
 
+COVERS_RECORD = ("record-level (epsilon, delta)-DP for every client's private examples (one example added or "
+                 "removed), covering each upload and the global model, which are computed from DP-SGD outputs "
+                 "only; not covered: example counts and timings, which the server also sees")
+COVERS_RECORD_SYNTHETIC = ("epsilon covers ONLY the training steps on private examples (FedPIT: W_l). The synthetic "
+                           "samples were written by the global model with the client's private examples in its "
+                           "prompts and filtered against its private text; no DP guarantee covers that path, so "
+                           "the upload (FedPIT: W_a = beta*W_l + (1-beta)*W_s) and the global model have NO formal "
+                           "guarantee")
+COVERS_CLIENT = ("client-level (epsilon, delta)-DP of the global model (one client's whole data added or removed); "
+                 "the server itself still sees every individual upload")
+
 
 def _mean(values: list[float | None]) -> float:
     finite = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
@@ -55,6 +66,33 @@ def eval_rows(records: list[dict[str, Any]]) -> dict[str, list[dict[str, float]]
             for name, metrics in rec["results"].items():
                 by_set[name].append({"round": rec["round"], **metrics})
     return dict(by_set)
+
+
+def dp_summary(records: list[dict[str, Any]], config) -> dict[str, Any]:
+    """The differential privacy a run had ({} without any): record-level epsilon per client (the last
+    cumulative value each client reported; the run's figure is the largest, the guarantee every
+    client has), client-level epsilon after the last round, and in words what each covers."""
+    from fedpit.methods import METHODS
+
+    summary: dict[str, Any] = {}
+    rounds = [r for r in records if r.get("kind") == "round"]
+    if config.privacy.dp.enabled:
+        per_client: dict[str, float] = {}
+        for rec in rounds:
+            for client, figures in rec["clients"].items():
+                if figures.get("dp_epsilon") is not None:
+                    per_client[client] = figures["dp_epsilon"]
+        synthetic = METHODS.get(config.method.name).uses_synthetic
+        summary["record"] = {
+            "epsilon": max(per_client.values()) if per_client else float("nan"),
+            "epsilon_mean": _mean(list(per_client.values())), "per_client": per_client,
+            "delta": config.privacy.dp.delta, "accountant": config.privacy.dp.accountant,
+            "covers": COVERS_RECORD_SYNTHETIC if synthetic else COVERS_RECORD, "covers_upload": not synthetic}
+    if config.privacy.client_dp.enabled:
+        last = next((r["client_dp"] for r in reversed(rounds) if "client_dp" in r), {})
+        summary["client"] = {"epsilon": last.get("epsilon", float("nan")), "delta": config.privacy.client_dp.delta,
+                             "accountant": config.privacy.client_dp.accountant, "covers": COVERS_CLIENT}
+    return summary
 
 
 def final_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
