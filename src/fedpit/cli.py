@@ -1,4 +1,4 @@
-"""The `fedpit` command: run | compare | sweep | judge | serve | attack | report | data | flower | methods.
+"""The `fedpit` command: run | compare | sweep | frontier | judge | serve | attack | report | data | flower | methods.
 
 User mistakes (`FedpitError`) print one line and exit with status 2; `--debug` shows the
 traceback. Everything that can fail on bad input is checked before a run directory exists.
@@ -230,14 +230,15 @@ def _split_list(text: str, what: str) -> list[str]:
     return items
 
 
-def _batch(args: argparse.Namespace, rows: dict[str, list[str]], title: str, filename: str,
-           x_values: dict[str, float] | None = None, reference: str | None = None) -> int:
-    """Run every (row, seed) job with its extra overrides, judge the answers when [eval.judge] is set,
-    then write the comparison page with every row's paired differences to `reference`."""
+def _run_rows(args: argparse.Namespace, rows: dict[str, list[str]], folder: str,
+              reference: str | None = None) -> tuple[Path, dict[str, list[Path]], list[str]]:
+    """Run every (row, seed) job with its extra overrides under --out (default runs/<config>-<folder>),
+    skipping complete runs, and judge the answers when [eval.judge] is set. Every config, the
+    reference and the judge endpoint are checked before any model is loaded. Returns the folder,
+    label -> run directories (one per seed) and the judge requests that failed."""
     from rich.console import Console
 
     from fedpit import config as config_mod
-    from fedpit.comparison import write_comparison
     from fedpit.evaluation.judge import build_backend as build_judge
     from fedpit.judging import judge_groups
     from fedpit.methods import build_method
@@ -256,20 +257,35 @@ def _batch(args: argparse.Namespace, rows: dict[str, list[str]], title: str, fil
             groups.setdefault(label, []).append(job_label)
     if reference is not None and reference not in groups:
         raise FedpitError(f"--reference '{reference}' is not one of the compared rows: {', '.join(groups)}")
-    root = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-{filename.split('.')[0]}"
+    root = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-{folder}"
     paths = {label: [root / j for j in labels] for label, labels in groups.items()}
     judge = jobs[0].config.eval.judge
     if judge.endpoint:
         build_judge(judge).preflight()  # a bad endpoint or key fails now, not after hours of training
-    console = Console(stderr=True)
-    with RunProgress(quiet=args.quiet, console=console) as progress:
+    with RunProgress(quiet=args.quiet, console=Console(stderr=True)) as progress:
         run_jobs(jobs, root, progress)
         failures = judge_groups(paths, reference, judge, progress.phase) if judge.endpoint else []
-    page = write_comparison(root, paths, title, filename, x_values, reference)
-    console.print(f"{filename}: {page}")
+    return root, paths, failures
+
+
+def _judge_failures(failures: list[str]) -> None:
     if failures:
         raise FedpitError(f"{len(failures)} judge requests failed after retries ({failures[0]}); run the same "
                           f"command again: finished runs and received verdicts are kept, only the rest is asked")
+
+
+def _batch(args: argparse.Namespace, rows: dict[str, list[str]], title: str, filename: str,
+           x_values: dict[str, float] | None = None, reference: str | None = None) -> int:
+    """Run the rows (`_run_rows`), then write the comparison page with every row's paired differences
+    to `reference`."""
+    from rich.console import Console
+
+    from fedpit.comparison import write_comparison
+
+    root, paths, failures = _run_rows(args, rows, filename.split(".")[0], reference)
+    page = write_comparison(root, paths, title, filename, x_values, reference)
+    Console(stderr=True).print(f"{filename}: {page}")
+    _judge_failures(failures)
     return 0
 
 
@@ -314,6 +330,28 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             xs[label] = float(len(xs))
     reference = f"{args.param.split('.')[-1]}={args.reference}" if args.reference else next(iter(rows))
     return _batch(args, rows, f"sweep of {args.param}", "sweep.md", xs, reference=reference)
+
+
+def cmd_frontier(args: argparse.Namespace) -> int:
+    """The built-in rows (or --rows of them) on identical clients and seeds; comparison.md with the
+    paired differences to --reference, and frontier.md placing every row on utility vs leakage."""
+    from rich.console import Console
+
+    from fedpit.comparison import write_comparison
+    from fedpit.frontier import ROWS, write_frontier
+
+    labels = _split_list(args.rows, "--rows") if args.rows else list(ROWS)
+    unknown = [label for label in labels if label not in ROWS]
+    if unknown:
+        raise FedpitError(f"--rows: unknown row(s) {', '.join(unknown)}; the rows are: {', '.join(ROWS)}")
+    rows = {label: ROWS[label] for label in dict.fromkeys(labels)}
+    root, paths, failures = _run_rows(args, rows, "frontier", args.reference)
+    console = Console(stderr=True)
+    comparison = write_comparison(root, paths, f"frontier rows against {args.reference}", "comparison.md",
+                                  reference=args.reference)
+    console.print(f"comparison.md: {comparison}\nfrontier.md: {write_frontier(root, paths, args.reference)}")
+    _judge_failures(failures)
+    return 0
 
 
 def _judge_config(run_config, args: argparse.Namespace):
@@ -481,6 +519,17 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--reference", help="value every other is paired with (default: the first)")
     sweep.add_argument("--quiet", action="store_true")
     sweep.set_defaults(func=cmd_sweep)
+
+    frontier = sub.add_parser("frontier", help="FedPIT vs FedAvg+DP vs training less on identical clients and seeds: "
+                              "utility vs leakage; frontier.md")
+    with_config(frontier)
+    frontier.add_argument("--rows", default="", help="comma-separated labels of built-in rows to run, e.g. "
+                          "fedavg,fedpit-beta0.5 (default: all; fedpit.frontier.ROWS, an unknown label lists them)")
+    frontier.add_argument("--seeds", default="", help="comma-separated seeds, e.g. 0,1 (default: the config's)")
+    frontier.add_argument("--reference", default="fedavg", help="row every other is paired with (default: fedavg)")
+    frontier.add_argument("--out", help="frontier folder (default: runs/<config>-frontier)")
+    frontier.add_argument("--quiet", action="store_true")
+    frontier.set_defaults(func=cmd_frontier)
 
     attack = sub.add_parser("attack", help="measure leakage of a finished run (global model, uploads, private)")
     attack.add_argument("run_dir")

@@ -1,5 +1,6 @@
-"""SCAFFOLD: the variate updates by hand, the zero-valued correction term, the recorded data
-gradients, and a client round on the tiny model (zero variates reproduce FedAvg exactly)."""
+"""SCAFFOLD: the variate updates by hand, the zero-valued correction term, the data gradients
+the training loop records (tests/engines), and a client round on the tiny model (zero variates
+reproduce FedAvg exactly)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from fedpit.methods.scaffold import (
     DELTA,
     control_update,
     correction_term,
-    recorded_gradients,
     server_control_update,
 )
 from fedpit.runtimes.local import prepare
@@ -37,20 +37,6 @@ def test_correction_term_is_zero_valued_with_the_correction_as_gradient():
     assert term.item() == 0.0
     term.backward()
     assert torch.equal(w.grad, correction["w"])
-
-
-def test_gradient_variate_is_the_mean_data_gradient():
-    w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
-    correction = {"w": torch.tensor([10.0, -10.0])}
-    batches = [torch.tensor([3.0, 4.0]), torch.tensor([1.0, 0.0])]  # d/dw <w, x> = x
-    with recorded_gradients({"w": w}, correction) as sums:
-        for x in batches:
-            ((w * x).sum() + correction_term(correction)({"w": w})).backward()
-            assert torch.equal(w.grad, x + correction["w"]), "the hook must not change the gradient"
-            w.grad = None
-    assert torch.allclose(sums["w"] / len(batches), torch.tensor([2.0, 2.0]))  # mean of [3, 4] and [1, 0]
-    (w * 5.0).sum().backward()
-    assert torch.allclose(sums["w"], torch.tensor([4.0, 4.0])), "hooks are removed after the block"
 
 
 def test_unknown_variate_is_a_config_error():

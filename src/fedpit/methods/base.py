@@ -12,11 +12,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from fedpit.config import Config, build_dataclass
 from fedpit.engines import scoring
-from fedpit.engines.training import TrainOptions, TrainResult, train_adapter
+from fedpit.engines.training import PrivateSGD, TrainOptions, TrainResult, train_adapter
 from fedpit.model import ModelHandle
 from fedpit.prompts import PromptFormat
 from fedpit.registry import Registry
@@ -25,6 +25,16 @@ from fedpit.synth import SynthOutcome, self_generate
 from fedpit.types import AdapterState, ClientResult, ClientState, ClientUpload, Example
 
 ProgressCallback = Callable[[str, int, int], None]
+
+
+class PrivateBudget(Protocol):
+    """What a runtime gives a client round for record-level DP (`privacy.dp.RecordDP`): DP-SGD settings
+    for each training on private examples, and the record of what each spent. Methods never see it:
+    `ClientContext.train` applies it to every training whose examples include private ones."""
+
+    def settings(self, purpose: str) -> PrivateSGD: ...
+
+    def spend(self, sample_rate: float, steps: int) -> None: ...
 
 
 @dataclass
@@ -44,6 +54,8 @@ class ClientContext:
     """What the server sent besides the global adapter this round (from `Method.broadcast`)."""
     on_progress: ProgressCallback | None = None
     phase_seconds: dict[str, float] = field(default_factory=dict)
+    dp: PrivateBudget | None = None
+    """Record-level DP-SGD for every training on private examples (None: plain training)."""
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -60,21 +72,28 @@ class ClientContext:
         return lambda done, total: callback(label, done, total)
 
     def train(self, start: AdapterState, examples: list[Example], purpose: str, epochs: int | None = None,
-              extra_loss=None) -> tuple[AdapterState, TrainResult]:
-        """Train a copy of `start` on `examples`; `purpose` names the phase and seeds the shuffle."""
+              extra_loss=None, record_gradient: bool = False) -> tuple[AdapterState, TrainResult]:
+        """Train a copy of `start` on `examples`; `purpose` names the phase and seeds the shuffle. Under
+        record-level DP, a training that includes any private example is DP-SGD, whatever its purpose."""
         train = self.config.train
         options = TrainOptions(
             batch_size=train.batch_size, learning_rate=self.learning_rate, epochs=epochs or train.epochs,
             weight_decay=train.weight_decay, max_grad_norm=train.max_grad_norm,
-            max_length=self.config.model.max_length,
+            max_length=self.config.model.max_length, max_steps=train.max_steps,
         )
+        private_ids = {e.id for e in self.examples}
+        private = self.dp.settings(purpose) if self.dp is not None and any(e.id in private_ids for e in examples) \
+            else None
         with self.phase(f"train_{purpose}"):
             self.handle.set_adapter(start)
             step = self._progress(f"train {purpose}")
             result = train_adapter(
                 self.handle, self.fmt, examples, options, seed=derive_seed(self.seed, purpose),
                 extra_loss=extra_loss, on_step=(lambda s, t, _loss: step(s, t)) if step else None,
+                private=private, record_gradient=record_gradient,
             )
+            if private is not None:
+                self.dp.spend(result.sample_rate, result.steps)
             return self.handle.get_adapter(), result
 
     def self_generate(self, adapter: AdapterState) -> SynthOutcome:
@@ -112,10 +131,18 @@ class Method(ABC):
     uses_synthetic: ClassVar[bool] = False
     pools_clients: ClassVar[bool] = False
     """True for Centralized: the runtime gives the method one client holding every example."""
+    mean_aggregation: ClassVar[bool] = False
+    """True when `aggregate` depends on the uploads only through their example-weighted mean. Client-level
+    DP needs it: it hands the method a single upload holding the clipped, noised mean."""
 
     def __init__(self, options: Any, config: Config) -> None:
         self.options = options
         self.config = config
+
+    def private_passes(self, round_num: int) -> list[int]:
+        """Epochs of each training on private examples in one client round (DP calibrates its noise to
+        the run's total); override when the client rule trains on private data more than once."""
+        return [self.config.train.epochs]
 
     def broadcast(self, server_state: dict[str, Any]) -> dict[str, AdapterState]:
         """Tensors the server sends to every sampled client besides the global adapter (default none)."""

@@ -43,6 +43,10 @@ class Centralized(Method):
     Options = CentralizedOptions
     pools_clients = True
 
+    def private_passes(self, round_num: int) -> list[int]:
+        epochs = epochs_in_round(self.options.epochs, self.config.federation.rounds, round_num)
+        return [epochs] if epochs else []
+
     def client_update(self, ctx: ClientContext, global_adapter: AdapterState) -> ClientResult:
         epochs = epochs_in_round(self.options.epochs, self.config.federation.rounds, ctx.round)
         if epochs == 0:  # this round's share of the epochs is zero: nothing to train

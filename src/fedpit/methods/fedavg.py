@@ -23,6 +23,7 @@ class FedAvgOptions:
 class FedAvg(Method):
     name = "fedavg"
     Options = FedAvgOptions
+    mean_aggregation = True
 
     def client_update(self, ctx: ClientContext, global_adapter: AdapterState) -> ClientResult:
         return train_private(ctx, global_adapter)

@@ -33,6 +33,10 @@ class FedMIT(Method):
     name = "fedmit"
     Options = FedMITOptions
     uses_synthetic = True
+    mean_aggregation = True
+
+    def private_passes(self, round_num: int) -> list[int]:
+        return [self.config.train.epochs] * 2  # the IFS scorer, then the mixed adapter
 
     def client_update(self, ctx: ClientContext, global_adapter: AdapterState) -> ClientResult:
         synth = ctx.self_generate(global_adapter)

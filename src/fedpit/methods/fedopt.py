@@ -73,6 +73,7 @@ class FedOpt(Method):
     """Clients as in FedAvg; the server steps x <- x + update(mean(uploads) - x)."""
 
     rule: ClassVar[Rule]
+    mean_aggregation = True
 
     def client_update(self, ctx: ClientContext, global_adapter: AdapterState) -> ClientResult:
         return train_private(ctx, global_adapter)

@@ -45,6 +45,11 @@ class FedPIT(Method):
     name = "fedpit"
     Options = FedPITOptions
     uses_synthetic = True
+    mean_aggregation = True
+
+    def private_passes(self, round_num: int) -> list[int]:
+        epochs = self.config.train.epochs
+        return [epochs, epochs] if self.options.augmented_local else [epochs]
 
     def client_update(self, ctx: ClientContext, global_adapter: AdapterState) -> ClientResult:
         opts: FedPITOptions = self.options

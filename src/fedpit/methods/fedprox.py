@@ -38,6 +38,7 @@ def proximal_term(anchor: AdapterState, mu: float):
 class FedProx(Method):
     name = "fedprox"
     Options = FedProxOptions
+    mean_aggregation = True
 
     def client_update(self, ctx: ClientContext, global_adapter: AdapterState) -> ClientResult:
         anchor = {k: v.to(ctx.handle.device) for k, v in global_adapter.items()}

@@ -63,6 +63,9 @@ class LocITSG(_Alone):
     Options = LocalSGOptions
     uses_synthetic = True
 
+    def private_passes(self, round_num: int) -> list[int]:
+        return [self.config.train.epochs] * 2  # the IFS scorer, then private + selected synthetic
+
     def client_update(self, ctx: ClientContext, global_adapter: AdapterState) -> ClientResult:
         start = ctx.state.tensors.get("private", global_adapter)
         synth = ctx.self_generate(start)

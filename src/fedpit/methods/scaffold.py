@@ -13,7 +13,8 @@ x - y_i = lr * sum_k (g_k + c - c_i). Under AdamW the model delta is made of nor
 about lr per coordinate, so that formula yields variates in "Adam step" units, tens of times the
 real gradients, and the correction then swamps the data gradient (and grows round after round).
 fedpit therefore measures option II's value directly by default (`variate = "gradient"`): c_i+ is
-the mean data-loss gradient over the local steps, recorded by hooks during training, so c and c_i
+the mean data-loss gradient over the local steps, as the training loop used it (under DP-SGD the
+clipped, noised one, so c_i is as private as the adapter), so c and c_i
 stay in gradient units like the gradients they correct. `variate = "delta"` keeps the paper's
 formula literally. Either way the corrected gradient then goes through AdamW (and clipping),
 not plain SGD. The variates cover the LoRA A and B tensors only; the base model is frozen.
@@ -21,8 +22,6 @@ not plain SGD. The variates cover the LoRA A and B tensors only; the base model 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,27 +72,6 @@ def correction_term(correction: dict[str, torch.Tensor]):
     return term
 
 
-@contextmanager
-def recorded_gradients(params: dict[str, torch.nn.Parameter],
-                       correction: dict[str, torch.Tensor]) -> Iterator[dict[str, torch.Tensor]]:
-    """Sum, over every backward pass inside the block, of each parameter's gradient minus the
-    correction term's share of it, i.e. the data-loss gradient (before clipping)."""
-    sums = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params.items()}
-
-    def hook(key: str):
-        def record(grad: torch.Tensor) -> None:  # returns None: the gradient itself is left as it is
-            sums[key].add_(grad.float() - correction[key].float())
-
-        return record
-
-    handles = [p.register_hook(hook(k)) for k, p in params.items()]
-    try:
-        yield sums
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 @METHODS.register("scaffold")
 class Scaffold(Method):
     name = "scaffold"
@@ -107,10 +85,10 @@ class Scaffold(Method):
         c_i = ctx.state.tensors.get(STATE) or _zeros_like(global_adapter)
         params = ctx.handle.lora_params
         correction = {k: (c[k] - c_i[k]).to(p.device, p.dtype) for k, p in params.items()}
-        with recorded_gradients(params, correction) as gradient_sums:
-            local, result = ctx.train(global_adapter, ctx.examples, "private", extra_loss=correction_term(correction))
+        local, result = ctx.train(global_adapter, ctx.examples, "private", extra_loss=correction_term(correction),
+                                  record_gradient=True)
         if self.options.variate == "gradient":
-            new_c_i = {k: (s / max(result.steps, 1)).cpu() for k, s in gradient_sums.items()}
+            new_c_i = {k: g.cpu() for k, g in result.gradient_mean.items()}
         else:
             new_c_i = control_update(c_i, c, global_adapter, local, result.steps, ctx.learning_rate)
         ctx.state.tensors[STATE] = new_c_i

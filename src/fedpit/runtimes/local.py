@@ -18,6 +18,7 @@ from fedpit.data.federation import Federation, build_federation, check_demonstra
 from fedpit.errors import FedpitError
 from fedpit.methods import Method, build_method
 from fedpit.model import ModelHandle, load_model
+from fedpit.privacy import dp as record_dp
 from fedpit.progress import RunProgress
 from fedpit.prompts import PromptFormat, make_format
 from fedpit.runs import RunDir
@@ -61,6 +62,9 @@ def prepare(config: Config, handle: ModelHandle | None = None) -> Experiment:
         federation.clients = {"pooled": [e for c in sorted(federation.clients) for e in federation.clients[c]]}
     if method.uses_synthetic:
         check_demonstrations(federation, config)
+    if config.privacy.dp.enabled:
+        passes = [method.private_passes(r) for r in range(1, config.federation.rounds + 1)]
+        record_dp.check(config, passes, {c: len(e) for c, e in federation.clients.items()})
     return Experiment(config=config, method=method, handle=handle, fmt=fmt, federation=federation, canaries=canaries)
 
 
