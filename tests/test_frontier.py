@@ -23,7 +23,7 @@ BASE = [2.0 + 0.05 * i for i in range(12)]  # the reference's per-example NLL
 ROW_SPEC = {
     "fedavg": ([0.0] * 12, 19.0, 0.25, 0.72, 19.5, 0.86),
     "fedpit-beta0.5": ([0.10 + (0.01 if i % 2 else -0.01) for i in range(12)], 8.0, 0.20, 0.67, 19.0, 0.86),
-    "fedavg-dpsgd-eps4": ([0.20 + 0.002 * i for i in range(12)], 10.0, 0.15, 0.60, 5.0, 0.55),
+    "fedavg-dpsgd-eps4": ([0.20 + 0.004 * i for i in range(12)], 10.0, 0.15, 0.60, 5.0, 0.55),
     "fedpit-dpsgd-eps4": ([0.15 + (0.02 if i % 3 else -0.02) for i in range(12)], 9.0, 0.22, 0.70, 19.0, 0.86),
     "dp-fedavg": ([0.05 if i % 2 else -0.06 for i in range(12)], NAN, 0.24, 0.72, NAN, 0.90),
 }
@@ -121,7 +121,8 @@ def test_frontier_page(tmp_path):
             continue
         for name, scale in (("medquad", 1.0), ("medinstruct", 0.5)):
             mean = scale * sum(offsets) / len(offsets)  # the per-example mean difference written above
-            assert table[label][f"Δ {name} NLL"].lstrip("*").startswith(f"{mean:+.3f} ["), (label, name)
+            shown = float(table[label][f"Δ {name} NLL"].strip("*").split(" [")[0])
+            assert shown == pytest.approx(mean, abs=5.1e-4), (label, name)  # shown to 3 digits
     assert table["fedpit-beta0.5"]["Δ medquad NLL"].startswith("**+0.100 [")  # significant: bold
     assert table["dp-fedavg"]["Δ medquad NLL"].endswith(" n.s.")  # its CI includes 0
     reference_nll = sum(BASE) / len(BASE) + 0.03 * 0.5  # mean over both seeds
@@ -130,8 +131,8 @@ def test_frontier_page(tmp_path):
                             for label in ROW_SPEC}.items():
         cell = table[label]["on the frontier for"]
         assert set(cell.split(", ")) - {"–"} == expected, label
-    assert table["fedavg-dpsgd-eps4"]["record ε"] == "3.97"  # the largest over clients and seeds
-    assert table["dp-fedavg"]["client ε"] == "2.10"  # after the last round, largest over seeds
+    assert table["fedavg-dpsgd-eps4"]["record ε"] == "3.97 (δ 1e-05)"  # the largest over clients and seeds
+    assert table["dp-fedavg"]["client ε"] == "2.10 (δ 0.001)"  # after the last round, largest over seeds
     assert table["fedavg"]["record ε"] == table["fedavg"]["client ε"] == "–"
     assert table["fedavg-dpsgd-eps4"]["covers"] == "uploads + global"
     assert table["fedpit-dpsgd-eps4"]["covers"] == "W_l only (no guarantee on upload/global)"
@@ -142,7 +143,7 @@ def test_frontier_page(tmp_path):
     for text in (COVERS_RECORD, COVERS_RECORD_SYNTHETIC, COVERS_CLIENT):
         assert page.count(text) == 1
     # leakage: the last round the run attacked, uploads the mean over clients, mean over seeds
-    assert table["fedpit-beta0.5"]["canary exposure (bits) global / upload"] == "8.000 / 19.000"
+    assert table["fedpit-beta0.5"]["canary exposure (bits) global / upload"] == "8.0 / 19.0"
     assert table["fedavg"]["MIA AUC (calibrated) global / upload"] == "0.720 / 0.860"
     assert table["dp-fedavg"]["canary exposure (bits) global / upload"] == "– / –"
     assert "not significant (CI includes 0): dp-fedavg." in page and "on the means" in page
@@ -196,8 +197,21 @@ def test_every_row_is_a_valid_config_of_the_experiment():
     for label, overrides in ROWS.items():
         config = config_mod.load("configs/frontier.toml", overrides)
         build_method(config)
-        assert config.method.name == label.split("-")[0].replace("dp", "fedavg") or label == "dp-fedavg"
+        assert config.method.name == ("fedpit" if label.startswith("fedpit") else "fedavg"), label
     dp = config_mod.load("configs/frontier.toml", ROWS["dp-fedavg"]).privacy.client_dp
     assert (dp.enabled, dp.noise_multiplier, dp.clip_norm, dp.delta) == (True, 1.0, 0.05, 1e-2)
     eps = config_mod.load("configs/frontier.toml", ROWS["fedavg-dpsgd-eps16"]).privacy.dp
     assert (eps.enabled, eps.target_epsilon) == (True, 16.0)
+
+
+def test_compare_shares_the_batch_helper(tmp_path, capsys):
+    """`fedpit compare` runs its rows through the same helper: complete runs skipped, its page written."""
+    out = tmp_path / "cmp"
+    _fabricate(out)
+    variants = [a for label in ROW_SPEC for a in ("--variant", f"{label}:" + ";".join(ROWS[label]))]
+    code = main(["compare", "configs/frontier.toml", *variants, "--seeds", "0,1", "--reference", "fedavg",
+                 "--out", str(out), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    page = (out / "comparison.md").read_text()
+    assert "## Against fedavg" in page and "| fedpit-beta0.5 |" in page
+    assert not (out / "frontier.md").exists()

@@ -14,7 +14,7 @@ LAYERS = [
     {"engines"},
     {"synth"},
     {"methods", "evaluation", "privacy"},
-    {"runs", "progress", "report", "comparison", "paired", "judging", "runtimes", "serving"},
+    {"runs", "progress", "report", "comparison", "frontier", "paired", "judging", "runtimes", "serving"},
     {"cli"},
 ]
 SIBLINGS_APART = [("methods", "evaluation"), ("methods", "privacy"), ("evaluation", "privacy")]

@@ -36,10 +36,10 @@ ROWS: dict[str, list[str]] = {  # label -> the overrides that make the row, on t
     "fedavg-fewer-steps": ["method.name='fedavg'", "train.max_steps=1"],
 }
 
-LEAKAGE = {  # audit figure -> its name on the page; each is shown for the global model and the uploads
-    "canary_exposure_extrapolated": "canary exposure (bits)",
-    "memorization_rougeL": "memorisation ROUGE-L",
-    "mia_ref_auc": "MIA AUC (calibrated)",
+LEAKAGE = {  # audit figure -> (its name on the page, digits); each is shown for the global model and uploads
+    "canary_exposure_extrapolated": ("canary exposure (bits)", 1),
+    "memorization_rougeL": ("memorisation ROUGE-L", 3),
+    "mia_ref_auc": ("MIA AUC (calibrated)", 3),
 }
 MEASURES = {  # Pareto measure -> (target, figure); lower is less leakage for each
     "global_canary": ("global", "canary_exposure_extrapolated"),
@@ -110,6 +110,10 @@ def _number(value: float | None, digits: int = 3) -> str:
     return "–" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
 
+def _epsilon(dp: dict[str, Any] | None) -> str:
+    return "–" if dp is None else f"{_number(dp['epsilon'], 2)} (δ {dp['delta']:g})"
+
+
 def _delta(comparison: SetComparison, label: str, reference: str) -> str:
     if label == reference:
         return f"{_number(comparison.means.get(label, {}).get('nll'))} (reference)"
@@ -144,7 +148,7 @@ def _plot(root: Path, measure: str, points: dict[str, tuple[float, float]], cis:
     ax.step([p[0] for p in line], [p[1] for p in line], where="post", color="tab:red", linewidth=1, alpha=0.7)
     target, figure = MEASURES[measure]
     ax.axhline(0.0, color="black", linewidth=0.6)
-    ax.set_xlabel(f"{target} {LEAKAGE[figure]} (lower: less leakage)")
+    ax.set_xlabel(f"{target} {LEAKAGE[figure][0]} (lower: less leakage)")
     ax.set_ylabel(f"Δ {main} NLL vs {reference} (lower: better)")
     ax.set_title(f"privacy-utility frontier: {measure} (red: non-dominated on means; bars: 95% CI)", fontsize=9)
     ax.grid(alpha=0.3)
@@ -155,12 +159,37 @@ def _plot(root: Path, measure: str, points: dict[str, tuple[float, float]], cis:
     return file
 
 
+def _intro(rows: int, seeds: int, reference: str, main: str) -> list[str]:
+    """What the page measures, so a reader can weigh the table without the code."""
+    return [f"# Privacy-utility frontier against {reference}", "",
+            f"{rows} rows on the same clients, seeds ({seeds} each) and held-out examples. Utility: the final "
+            f"global model's NLL per token on each final set, as the paired difference Δ = row − {reference} on the "
+            "same examples (mean over seeds and examples, 95% bootstrap CI; **bold**: the CI excludes 0, n.s.: it "
+            f"does not; lower is better; {reference}'s row gives its absolute NLL). Leakage: the `[privacy]` audit "
+            "of the last attacked round, global model / uploads (the server's view, mean over clients), mean over "
+            "seeds; lower is less leakage. ε: record-level (DP-SGD, largest over clients and seeds) and "
+            "client-level (DP-FedAvg), each with its δ. A row is on the frontier for a measure when no other row "
+            f"has both lower-or-equal leakage and lower-or-equal Δ {main} NLL, one strictly lower. Measures: "
+            + "; ".join(f"{m} = {t} {LEAKAGE[k][0]}" for m, (t, k) in MEASURES.items()) + ".", ""]
+
+
+def _row(label: str, figures: dict[str, Any], comparisons: list[SetComparison], reference: str,
+         fronts: dict[str, set[str]]) -> str:
+    leak = [" / ".join(_number(figures["leakage"].get((target, k)), digits) for target in ("global", "upload"))
+            for k, (_, digits) in LEAKAGE.items()]
+    on = ", ".join(m for m in MEASURES if label in fronts[m]) or "–"
+    cells = [label, _epsilon(figures.get("record")), _epsilon(figures.get("client")), covers_cell(figures),
+             *(_delta(c, label, reference) for c in comparisons), *leak, on]
+    return "| " + " | ".join(cells) + " |"
+
+
 def write_frontier(root: Path, groups: dict[str, list[Path]], reference: str) -> Path:
     """`groups`: row label -> its run directories, one per seed in the same seed order for every row;
     `reference` is the row every utility difference is measured against."""
     comparisons = compare_to_reference(groups, reference)
     figures = {label: row_figures(paths) for label, paths in groups.items()}
     main, utility = _utility(comparisons, reference)
+    comparisons.sort(key=lambda c: c.name != main)  # the utility axis first
     fronts: dict[str, set[str]] = {}
     plots = []
     for measure, key in MEASURES.items():
@@ -171,39 +200,20 @@ def write_frontier(root: Path, groups: dict[str, list[Path]], reference: str) ->
         if points:
             cis = {label: utility[label][1:] for label in points}
             plots.append(_plot(root, measure, points, cis, fronts[measure], main, reference))
-    seeds = max(len(p) for p in groups.values())
-    lines = [f"# Privacy-utility frontier against {reference}", "",
-             f"{len(groups)} rows on the same clients, seeds ({seeds} each) and held-out examples. Utility: the "
-             f"final global model's NLL per token on each final set, as the paired difference Δ = row − {reference} "
-             "on the same examples (mean over seeds and examples, 95% bootstrap CI; **bold**: the CI excludes 0, "
-             f"n.s.: it does not; lower is better; {reference}'s row gives its absolute NLL). Leakage: the "
-             "`[privacy]` audit of the last attacked round, global model / uploads (the server's view, mean over "
-             "clients), mean over seeds; lower is less leakage. ε: record-level (DP-SGD, largest over clients "
-             "and seeds) and client-level (DP-FedAvg), each with its δ in the config. A row is on the frontier "
-             "for a measure when no other row has both lower-or-equal leakage and lower-or-equal Δ "
-             f"{main} NLL, one strictly lower.", ""]
-    sets = [c.name for c in comparisons]
-    header = ["row", "record ε", "client ε", "covers", *(f"Δ {s} NLL" for s in sets),
-              *(f"{name} global / upload" for name in LEAKAGE.values()), "on the frontier for"]
+    lines = _intro(len(groups), max(len(p) for p in groups.values()), reference, main)
+    header = ["row", "record ε", "client ε", "covers", *(f"Δ {c.name} NLL" for c in comparisons),
+              *(f"{name} global / upload" for name, _ in LEAKAGE.values()), "on the frontier for"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for label in groups:
-        f = figures[label]
-        leak = [" / ".join(_number(f["leakage"].get((target, k))) for target in ("global", "upload")) for k in LEAKAGE]
-        on = ", ".join(m for m in MEASURES if label in fronts[m]) or "–"
-        cells = [label, _number(f.get("record", {}).get("epsilon"), 2), _number(f.get("client", {}).get("epsilon"), 2),
-                 covers_cell(f), *(_delta(c, label, reference) for c in comparisons), *leak, on]
-        lines.append("| " + " | ".join(cells) + " |")
+    lines += [_row(label, figures[label], comparisons, reference, fronts) for label in groups]
     covers = dict.fromkeys(f[level]["covers"] for f in figures.values() for level in ("record", "client") if level in f)
     lines += ["", "What each DP guarantee covers:" if covers else "No row ran with DP.", ""]
-    lines += [f"- {text}" for text in covers] + [""]
-    unclear = [label for label, (mean, low, high) in utility.items()
-               if label != reference and not (low > 0 or high < 0)]
+    lines += [f"- {text}" for text in covers] + ([""] if covers else [])
+    unclear = [label for label, (_, low, high) in utility.items() if label != reference and not (low > 0 or high < 0)]
     lines += [f"The frontier is computed on the means (leakage mean over seeds, Δ {main} NLL mean over seeds and "
-              "examples), without their uncertainty. Rows whose Δ "
-              f"{main} NLL is not significant (CI includes 0): {', '.join(unclear) or 'none'}. Leakage figures are "
-              "single audits per seed, without intervals.", ""]
-    lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + ["", "Every figure and each run's report: "
-                                                                    "[comparison.md](comparison.md).", ""]
+              f"examples), without their uncertainty. Rows whose Δ {main} NLL is not significant (CI includes 0): "
+              f"{', '.join(unclear) or 'none'}. Leakage figures are single audits per seed, without intervals.", ""]
+    lines += ["## Plots", "", *(f"![{p}]({p})" for p in plots), "",
+              "Every figure and each run's report: [comparison.md](comparison.md).", ""]
     out = root / "frontier.md"
     atomic_write_text(out, "\n".join(lines))
     return out
