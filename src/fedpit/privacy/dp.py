@@ -86,7 +86,7 @@ class RecordDP:
         state = state or {}
         noise = state.get("noise_multiplier") or noise_multiplier(config, passes_per_round, client, num_examples)
         history = [tuple(h) for h in state.get("history", [])]
-        return cls(dp=config.privacy.dp, noise=float(noise), secret=_secret(folder), round_num=round_num,
+        return cls(dp=config.privacy.dp, noise=float(noise), secret=load_secret(folder), round_num=round_num,
                    history=history)
 
     def settings(self, purpose: str) -> PrivateSGD:
@@ -111,12 +111,13 @@ class RecordDP:
                 "dp_steps": float(sum(steps for _, _, steps in self.history))}
 
 
-def _secret(folder: Path) -> bytes:
-    """The client's DP secret, made on first use (32 random bytes, readable by the user only)."""
-    path = Path(folder) / SECRET_FILE
+def load_secret(folder: Path, name: str = SECRET_FILE) -> bytes:
+    """A DP secret kept in `folder` (the client's, or the server's run directory), made on first use:
+    32 random bytes, readable by the user only."""
+    path = Path(folder) / name
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{SECRET_FILE}.{os.getpid()}")
+        tmp = path.with_name(f".{name}.{os.getpid()}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as handle:
             handle.write(secrets.token_bytes(32))

@@ -24,7 +24,7 @@ from fedpit.prompts import PromptFormat, make_format
 from fedpit.runs import RunDir
 from fedpit.runtimes.audit import Auditor, plant
 from fedpit.runtimes.client import ClientRunner
-from fedpit.runtimes.server import ClientReport, Server, sample_clients
+from fedpit.runtimes.server import ClientReport, Server, client_level_dp, sample_clients
 from fedpit.runtimes.state import ClientStateStore
 from fedpit.types import AdapterState, ClientUpload
 
@@ -62,6 +62,8 @@ def prepare(config: Config, handle: ModelHandle | None = None) -> Experiment:
         federation.clients = {"pooled": [e for c in sorted(federation.clients) for e in federation.clients[c]]}
     if method.uses_synthetic:
         check_demonstrations(federation, config)
+    if config.privacy.client_dp.enabled:
+        client_level_dp(config, method, len(federation.clients))  # refuses what it cannot wrap, before anything runs
     if config.privacy.dp.enabled:
         passes = [method.private_passes(r) for r in range(1, config.federation.rounds + 1)]
         record_dp.check(config, passes, {c: len(e) for c, e in federation.clients.items()})

@@ -24,6 +24,9 @@ from fedpit.engines.training import learning_rate_for_round
 from fedpit.errors import ClientFailure
 from fedpit.evaluation import EvalOptions, evaluate
 from fedpit.faults import failpoint
+from fedpit.privacy.client_dp import ClientLevelDP, sampling_rate
+from fedpit.privacy.client_dp import noise_multiplier as client_noise
+from fedpit.privacy.dp import load_secret
 from fedpit.progress import RunProgress
 from fedpit.runs import RunDir
 from fedpit.runtimes.audit import Auditor, record
@@ -83,12 +86,15 @@ class Server:
         self.global_adapter: AdapterState = {}
         self.server_state: dict[str, Any] = {}
         self.first_round = 1
+        self.client_dp: ClientLevelDP | None = None
 
     # ------------------------------------------------------------------ start and resume
     def start(self, client_ids: list[str]) -> int:
         """Load the last committed round, or initialise round 0 (fresh adapter, first evaluation).
         Returns the number of the first round still to run."""
         cfg = self.config
+        if cfg.privacy.client_dp.enabled:
+            self.client_dp = client_level_dp(cfg, self.method, len(client_ids), self.run)
         initial = self.handle.fresh_adapter(derive_seed(cfg.seed, "lora-init"))
         if self.auditor_factory is not None:
             self.auditor = self.auditor_factory(initial)
@@ -136,7 +142,13 @@ class Server:
         uploads = [r.upload for r in reports]
         self.check_replies(plan, len(reports), dropped)
         aggregate_start = time.perf_counter()
-        if uploads:
+        client_dp: dict[str, float] = {}
+        if uploads and self.client_dp is not None:
+            mean, client_dp = self.client_dp.noised_mean(self.global_adapter, uploads, len(plan.sampled),
+                                                         plan.round_num)
+            client_dp["epsilon"] = self.client_dp.account(self.server_state)
+            self.global_adapter = self.method.aggregate(self.global_adapter, [mean], self.server_state)
+        elif uploads:
             self.global_adapter = self.method.aggregate(self.global_adapter, uploads, self.server_state)
         per_client = {
             r.upload.client: {**r.upload.metrics, "num_examples": r.upload.num_examples,
@@ -153,6 +165,8 @@ class Server:
         }
         if dropped:
             round_record["dropped"] = dropped
+        if client_dp:
+            round_record["client_dp"] = client_dp
         self.run.append_metrics(round_record)
         losses = [c["train_loss_private"] for c in per_client.values() if c.get("train_loss_private") is not None]
         mean_loss = sum(losses) / len(losses) if losses else float("nan")
@@ -227,3 +241,19 @@ class Server:
         shown = {k: round(v, 3) for k, v in figures.items()
                  if k in ("memorization_rougeL", "mia_ref_auc", "canary_exposure_extrapolated")}
         self.progress.message(f"leakage round {round_num} {target} {client or ''}: {shown}")
+
+
+def client_level_dp(config: Config, method, num_clients: int, run: RunDir | None = None) -> ClientLevelDP:
+    """The run's DP-FedAvg mechanism; a ConfigError for a method whose server rule needs more than the
+    mean of the uploads, or settings that cannot hold. The noise secret lives in the run directory."""
+    from fedpit.errors import ConfigError
+
+    if not method.mean_aggregation:
+        raise ConfigError(f"privacy.client_dp cannot wrap method '{config.method.name}': its server rule needs more "
+                          f"than the mean of the uploads (individual uploads, control variates, or none at all); "
+                          f"use a method such as fedavg, fedprox, fedpit, fedmit or the FedOPT family")
+    dp = config.privacy.client_dp
+    rate = sampling_rate(config.federation.clients_per_round, num_clients)
+    noise = client_noise(dp, rate, config.federation.rounds, num_clients)
+    secret = load_secret(run.path, "server-dp-secret") if run is not None else b""
+    return ClientLevelDP(dp=dp, noise=noise, rate=rate, secret=secret)
