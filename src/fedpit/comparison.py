@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from fedpit.paired import METRICS, SetComparison, compare_to_reference, verdict_words  # noqa: E402
-from fedpit.report import eval_rows, final_rows, privacy_rows, round_rows  # noqa: E402
+from fedpit.report import dp_summary, eval_rows, final_rows, privacy_rows, round_rows  # noqa: E402
 from fedpit.runs import RunDir, atomic_write_text  # noqa: E402
 
 LEAK_COLUMNS = ("memorization_rougeL", "extraction_exact_rate", "mia_ref_auc", "canary_exposure_extrapolated")
@@ -43,6 +43,11 @@ def summarise_run(path: Path) -> dict[str, Any]:
         for row in (r for r in leakage if r["round"] == last):
             for key in LEAK_COLUMNS:
                 summary[f"{row['target']}/{key}"] = row[key]
+    dp = dp_summary(records, run.config())
+    for level in ("record", "client"):
+        if level in dp:
+            summary[f"dp_{level}_epsilon"] = dp[level]["epsilon"]
+            summary.setdefault("_covers", []).append(f"{level}-level: {dp[level]['covers']}")
     rounds = round_rows(records)
     if rounds:
         summary["seconds_per_round"] = statistics.fmean(r["seconds"] for r in rounds)
@@ -79,6 +84,10 @@ def write_comparison(root: Path, groups: dict[str, list[Path]], title: str, file
     for label, runs in summaries.items():
         lines.append(f"| {label} | " + " | ".join(_cell([s.get(c) for s in runs]) for c in columns) + " |")
     lines.append("")
+    covers = {label: runs[0]["_covers"] for label, runs in summaries.items() if runs and runs[0].get("_covers")}
+    if covers:
+        lines += ["What each row's differential privacy covers (epsilon: the largest over clients, per seed):", ""]
+        lines += [f"- **{label}**: " + "; ".join(texts) for label, texts in covers.items()] + [""]
     plots += _curves(root, summaries)
     if x_values:
         plots += _against(root, summaries, x_values)

@@ -95,6 +95,43 @@ def dp_summary(records: list[dict[str, Any]], config) -> dict[str, Any]:
     return summary
 
 
+def rounds_epsilon(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per round, the privacy spent so far: record-level epsilon (largest over the clients that reported
+    it that round) and client-level epsilon."""
+    rows = []
+    for rec in (r for r in records if r.get("kind") == "round"):
+        values = [c["dp_epsilon"] for c in rec["clients"].values() if c.get("dp_epsilon") is not None]
+        row: dict[str, Any] = {"round": rec["round"]}
+        if values:
+            row["record epsilon (max over clients)"] = max(values)
+        if "client_dp" in rec:
+            row["client-level epsilon"] = rec["client_dp"]["epsilon"]
+            row["clients clipped"] = rec["client_dp"]["clipped"]
+        if len(row) > 1:
+            rows.append(row)
+    return rows
+
+
+def dp_lines(summary: dict[str, Any], per_round: list[dict[str, Any]]) -> list[str]:
+    """report.md's differential-privacy section: the guarantee, in numbers and in words."""
+    if not summary:
+        return []
+    lines = ["## Differential privacy", ""]
+    if "record" in summary:
+        record = summary["record"]
+        clients = ", ".join(f"{c} {e:.2f}" for c, e in sorted(record["per_client"].items()))
+        lines += [f"**Record-level DP-SGD**: epsilon = {record['epsilon']:.2f} at delta = {record['delta']:g} "
+                  f"(the largest over clients, {record['accountant']} accountant; per client: {clients}).", "",
+                  f"What it covers: {record['covers']}.", ""]
+    if "client" in summary:
+        client = summary["client"]
+        lines += [f"**Client-level DP (DP-FedAvg)**: epsilon = {client['epsilon']:.2f} at delta = {client['delta']:g} "
+                  f"({client['accountant']} accountant).", "", f"What it covers: {client['covers']}.", ""]
+    if per_round:
+        lines += [_table(per_round, list(dict.fromkeys(k for r in per_round for k in r)))]
+    return lines
+
+
 def final_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The final evaluation on whole held-out sets: one row per (model, set); model is "global" or
     "personal <client>"."""
@@ -254,6 +291,7 @@ def write_report(run_path: Path) -> Path:
                   "AUC; canary: exposure in bits.", "",
                   _table(leakage, ["round", "target", "source", "n", *LEAKAGE_KEYS])]
         plots += _leakage_plots(run.path, leakage, evals)
+    lines += dp_lines(dp_summary(records, config), rounds_epsilon(records))
     overlap = synthetic_overlap(run.path)
     if overlap:
         fig, ax = plt.subplots(figsize=(6, 3.4))
