@@ -63,3 +63,31 @@ def plain_training_loop(model: torch.nn.Module, start: AdapterState, encoded: li
         model(**collate(encoded[first : first + batch_size], pad_id, device)).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+
+
+def opacus_per_sample_gradients(model: torch.nn.Module, params: list[torch.nn.Parameter],
+                                batches: list[list[EncodedPair]], pad_id: int) -> None:
+    """DP-SGD's expensive part the Opacus way: per-sample gradients of every LoRA weight from its hooks
+    (`GradSampleHooks`, one padded backward per batch), their norms and the clipped sum."""
+    from opacus.grad_sample import GradSampleHooks
+
+    from fedpit.engines.encoding import target_token_losses
+
+    device = next(model.parameters()).device
+    hooks = GradSampleHooks(model, batch_first=True, loss_reduction="sum", strict=False)
+    model.train()
+    try:
+        for pairs in batches:
+            if not pairs:
+                continue
+            token_loss, is_target = target_token_losses(model, collate(pairs, pad_id, device, left=True))
+            (token_loss.sum(1) / is_target.sum(1).clamp(min=1)).sum().backward()
+            samples = [p.grad_sample.float().flatten(1) for p in params]
+            norms = torch.sqrt(sum((s * s).sum(1) for s in samples))
+            factor = (1.0 / (norms + 1e-12)).clamp(max=1.0)
+            _ = [(s * factor[:, None]).sum(0) for s in samples]
+            for p in params:
+                p.grad_sample, p.grad = None, None
+    finally:
+        hooks.remove_hooks()
+        model.eval()

@@ -6,8 +6,9 @@ run (interleaved, repeated; median and spread), on the embedded SmolLM2 and real
 Sections: generation (our decode loop vs one-prompt-at-a-time and batched `model.generate`),
 training (our loop vs a plain PyTorch + peft loop), round cost (FedPIT client round / FedAvg client
 round), memory (peak RSS of a 10-client run / a 2-client run), upload bytes as they travel (Flower codec,
-fp32 vs bf16 transport), and parts (three pieces of a round against what they replaced: the LM head in
-a prefill, an adapter merge, the copy filter's ROUGE-L).
+fp32 vs bf16 transport), parts (three pieces of a round against what they replaced: the LM head in
+a prefill, an adapter merge, the copy filter's ROUGE-L), and dp (a DP-SGD epoch against plain training,
+and its per-example gradients against Opacus's hooks).
 """
 
 from __future__ import annotations
@@ -24,12 +25,12 @@ import time
 from pathlib import Path
 
 import torch
-from baselines import count_tokens, plain_peft_model, plain_training_loop, timed
+from baselines import count_tokens, opacus_per_sample_gradients, plain_peft_model, plain_training_loop, timed
 
 from fedpit import config as config_mod
 from fedpit.engines.encoding import encode_pair, last_positions
 from fedpit.engines.generation import DecodingOptions, generate
-from fedpit.engines.training import TrainOptions, train_adapter
+from fedpit.engines.training import PrivateSGD, TrainOptions, poisson_batches, train_adapter
 from fedpit.methods import ClientContext, build_method
 from fedpit.model import load_model
 from fedpit.runtimes.local import prepare
@@ -188,6 +189,45 @@ def bench_training(exp, repeats: int, dtype_name: str) -> dict:
             "ratio": statistics.median(rates["fedpit"]) / statistics.median(rates["plain_peft_loop"])}
 
 
+def bench_dp(exp, repeats: int) -> dict:
+    """A DP-SGD epoch (Poisson batches, per-example gradients, clipping, noise) against the same epoch of
+    plain training, and its per-example gradients against Opacus's hooks on the same batches, in
+    tokens/s of the examples each step processed (bf16, 32 examples, expected batch 8)."""
+    handle = exp.handle
+    examples = [e for c in exp.federation.clients.values() for e in c][:32]
+    options = TrainOptions(batch_size=8, learning_rate=1e-4, epochs=1, max_length=exp.config.model.max_length)
+    private = PrivateSGD(noise_multiplier=1.0, max_grad_norm=1.0, seed=7)
+    encoded = [encode_pair(handle.tokenizer, exp.fmt.render(e.instruction), e.output, options.max_length)
+               for e in examples]
+    batches = poisson_batches(len(encoded), 8 / len(encoded), 4, torch.Generator().manual_seed(private.seed))
+    dp_tokens = sum(len(encoded[i].input_ids) for rows in batches for i in rows)
+    plain_tokens = sum(len(p.input_ids) for p in encoded)
+    start = handle.fresh_adapter(0)
+
+    def run(private_sgd):
+        handle.set_adapter(start)
+        train_adapter(handle, exp.fmt, examples, options, seed=0, private=private_sgd)
+
+    def opacus():
+        handle.set_adapter(start)
+        opacus_per_sample_gradients(handle.model, list(handle.lora_params.values()),
+                                    [[encoded[i] for i in rows] for rows in batches], handle.tokenizer.pad_token_id)
+
+    variants = {"fedpit_dp_sgd": (lambda: run(private), dp_tokens), "plain": (lambda: run(None), plain_tokens),
+                "opacus_per_sample_hooks": (opacus, dp_tokens)}
+    for fn, _ in variants.values():
+        fn()
+    rates: dict[str, list[float]] = {k: [] for k in variants}
+    for repeat in range(repeats):
+        for name in (list(variants) if repeat % 2 == 0 else list(reversed(variants))):
+            fn, tokens = variants[name]
+            rates[name].append(tokens / timed(fn)[0])
+    medians = {k: statistics.median(v) for k, v in rates.items()}
+    return {"tokens_per_s": {k: median_spread(v) for k, v in rates.items()},
+            "dp_vs_plain": medians["fedpit_dp_sgd"] / medians["plain"],
+            "dp_vs_opacus": medians["fedpit_dp_sgd"] / medians["opacus_per_sample_hooks"]}
+
+
 def bench_round(exp, repeats: int) -> dict:
     """One client's round of FedPIT against one of FedAvg, on the same client data and global adapter.
 
@@ -261,7 +301,7 @@ def peak_rss_of_run(clients: int) -> float:
     return int(line.split()[1]) / 1024
 
 
-SECTIONS = ("generation", "training", "round", "evaluation", "memory", "parts")
+SECTIONS = ("generation", "training", "round", "evaluation", "memory", "parts", "dp")
 
 
 def main() -> None:
@@ -296,6 +336,7 @@ def main() -> None:
         "evaluation": lambda: bench_eval(exp),
         "memory": memory,
         "parts": lambda: bench_parts(exp, repeats),
+        "dp": lambda: bench_dp(exp, repeats),
     }
     for name in SECTIONS:  # each section is printed and saved as soon as it is measured
         if name not in only:
@@ -357,6 +398,13 @@ def print_table(r: dict) -> None:
                       f"{sec['copy_filter_rouge_score']['median']:.3f} rouge-score",
                       f"{p['copy_filter_speedup']:.0f}x", "")
         table.add_row("one adapter merge (s)", f"{sec['adapter_merge']['median']:.2f}", "", "", "")
+    if "dp" in r:
+        d, rate = r["dp"], r["dp"]["tokens_per_s"]
+        table.add_row("DP-SGD training tokens/s (bf16, per-example backward)", f"{rate['fedpit_dp_sgd']['median']:.0f}",
+                      f"{rate['plain']['median']:.0f} plain training", f"{d['dp_vs_plain']:.2f}x", "")
+        table.add_row("DP-SGD per-example gradients vs Opacus hooks", f"{rate['fedpit_dp_sgd']['median']:.0f}",
+                      f"{rate['opacus_per_sample_hooks']['median']:.0f} Opacus GradSampleHooks",
+                      f"{d['dp_vs_opacus']:.2f}x", "")
     Console().print(table)
     if "round" in r:
         for name in ("fedpit", "fedavg"):

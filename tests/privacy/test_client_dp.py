@@ -24,9 +24,9 @@ from fedpit.types import ClientUpload
 
 def uploads_around(global_adapter, scales, sizes):
     generator = torch.Generator().manual_seed(0)
-    return [ClientUpload(client=f"c{i}", num_examples=n,
-                         tensors={k: v + s * torch.randn(v.shape, generator=generator) for k, v in global_adapter.items()})
-            for i, (s, n) in enumerate(zip(scales, sizes))]
+    return [ClientUpload(client=f"c{i}", num_examples=n, tensors={
+        k: v + s * torch.randn(v.shape, generator=generator) for k, v in global_adapter.items()})
+        for i, (s, n) in enumerate(zip(scales, sizes))]
 
 
 def numpy_clipped_mean(global_adapter, uploads, bound, sampled):
@@ -98,7 +98,8 @@ def test_the_server_loop_hands_the_method_the_clipped_mean(tiny_overrides, tmp_p
 def test_epsilon_over_rounds_is_the_accountants(tiny_overrides, tmp_path):
     config = config_mod.load(None, client_dp_overrides(tiny_overrides, "method.name='fedavg'",
                                                        "privacy.client_dp.target_epsilon=3.0",
-                                                       "data.partition.num_clients=3", "federation.clients_per_round=2"))
+                                                       "data.partition.num_clients=3",
+                                                       "federation.clients_per_round=2"))
     exp = prepare(config)
     run = open_run(exp, tmp_path / "run")
     run_experiment(exp, run)
