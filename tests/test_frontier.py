@@ -193,7 +193,7 @@ def test_bad_rows_fail_before_anything_runs(tmp_path, capsys, monkeypatch, argv,
 def test_every_row_is_a_valid_config_of_the_experiment():
     assert list(ROWS) == ["fedavg", "fedavg-dpsgd-eps1", "fedavg-dpsgd-eps4", "fedavg-dpsgd-eps16", "dp-fedavg",
                           "fedpit-beta0.25", "fedpit-beta0.5", "fedpit-beta0.75", "fedpit-dpsgd-eps4",
-                          "fedavg-fewer-steps"]
+                          "fedpit-dpsgd-eps4-public", "fedavg-fewer-steps"]
     for label, overrides in ROWS.items():
         config = config_mod.load("configs/frontier.toml", overrides)
         build_method(config)
@@ -202,6 +202,7 @@ def test_every_row_is_a_valid_config_of_the_experiment():
     assert (dp.enabled, dp.noise_multiplier, dp.clip_norm, dp.delta) == (True, 1.0, 0.05, 1e-2)
     eps = config_mod.load("configs/frontier.toml", ROWS["fedavg-dpsgd-eps16"]).privacy.dp
     assert (eps.enabled, eps.target_epsilon) == (True, 16.0)
+    assert config_mod.load("configs/frontier.toml", ROWS["fedpit-dpsgd-eps4-public"]).synth.demonstrations == "public"
 
 
 def test_compare_shares_the_batch_helper(tmp_path, capsys):

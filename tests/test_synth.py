@@ -184,3 +184,40 @@ def test_degenerate_repetition_is_a_format_failure(monkeypatch):
     outcome, generator = _run(monkeypatch, ["How is a sprained ankle treated at home?"], lambda p, n: loop)
     assert outcome.samples == [] and outcome.filtered["response_format"] == 1
     assert synth.repetition_ratio(loop) > 0.5 and synth.repetition_ratio(GOOD_ANSWER) == 0.0
+
+
+PUBLIC = [
+    Example(id=f"pub{i}", instruction=f"How is public topic {i} in children usually managed by doctors?",
+            output=f"Public topic {i} is managed with rest, fluids and follow-up visits with a paediatrician.")
+    for i in range(6)
+]
+
+
+def test_public_demonstrations_read_no_private_text(monkeypatch):
+    """With a public pool the prompts, the novelty filter and the kept samples depend on the public pool
+    only: other private examples give the same synthetic data, no prompt shows private text, and the
+    copy filter (which reads private text) is off."""
+    prompts: list[str] = []
+    copy = PRIVATE[0].output  # a response that copies a private answer would be dropped in private mode
+
+    def run(private):
+        instructions = ["Describe the treatment of an ear infection in toddlers", "List warning signs of asthma"]
+        gen = ScriptedGenerator(instructions, lambda prompt, call: copy)
+
+        def recording(handle, batch, options, batch_size=16, seed=None, on_batch=None):
+            prompts.extend(batch)
+            return gen(handle, batch, options, batch_size, seed, on_batch)
+
+        monkeypatch.setattr(synth, "generate", recording)
+        config = replace(CONFIG, num_candidates=2, max_instructions=2, batch_size=2, num_instruction_demos=4,
+                         num_response_demos=2)
+        return synth.self_generate(NoModel(), AlpacaFormat(), private, config, seed=3, round_num=1, client="c",
+                                   public=PUBLIC)
+
+    first = run(PRIVATE)
+    other = run([replace(e, output=e.output + " Other text.", instruction="Other " + e.instruction) for e in PRIVATE])
+    assert [(s.instruction, s.output) for s in first.samples] == [(s.instruction, s.output) for s in other.samples]
+    assert len(first.samples) == 2 and first.filtered["copies_private"] == 0
+    assert all(d.startswith("pub") for s in first.samples for d in s.instruction_demo_ids + s.response_demo_ids)
+    assert first.samples[0].max_rouge_vs_private == 1.0, "closeness to private text is still recorded"
+    assert not any(e.instruction in p or e.output in p for p in prompts for e in PRIVATE)

@@ -123,6 +123,9 @@ class SynthConfig:
     top_p: float = 0.9
     repetition_penalty: float = 1.0
     max_repetition: float = 0.5
+    demonstrations: str = "private"
+    public_size: int = 200
+    public_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -260,6 +263,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.partition.kind": ("iid", "dirichlet", "natural"),
     "train.schedule": ("cosine", "constant"),
     "synth.decoding": ("greedy", "sample"),
+    "synth.demonstrations": ("private", "public"),
     "flower.transport": ("fp32", "bf16"),
     "privacy.dp.accountant": ("rdp", "prv"),
     "privacy.client_dp.accountant": ("rdp", "prv"),
@@ -452,6 +456,7 @@ def validate(config: Config) -> None:
         "data.partition.min_examples", "federation.rounds", "train.batch_size", "train.epochs",
         "synth.num_candidates", "synth.max_instructions", "synth.batch_size", "synth.num_instruction_demos",
         "synth.num_response_demos", "synth.max_new_tokens_instruction", "synth.max_new_tokens_response",
+        "synth.public_size",
         "eval.num_examples", "eval.medquad_size", "eval.max_new_tokens", "eval.batch_size",
         "eval.judge.max_concurrency", "eval.judge.timeout", "eval.judge.max_tokens",
     ]

@@ -32,6 +32,9 @@ ROWS: dict[str, list[str]] = {  # label -> the overrides that make the row, on t
     "fedpit-beta0.5": ["method.name='fedpit'", "method.fedpit.beta=0.5"],
     "fedpit-beta0.75": ["method.name='fedpit'", "method.fedpit.beta=0.75"],
     "fedpit-dpsgd-eps4": ["method.name='fedpit'", "privacy.dp.enabled=true", "privacy.dp.target_epsilon=4"],
+    # the same with public demonstrations: the synthetic path reads no private text, so epsilon covers the upload
+    "fedpit-dpsgd-eps4-public": ["method.name='fedpit'", "privacy.dp.enabled=true", "privacy.dp.target_epsilon=4",
+                                 "synth.demonstrations='public'"],
     # the free defence: one local optimiser step per round instead of whole epochs
     "fedavg-fewer-steps": ["method.name='fedavg'", "train.max_steps=1"],
 }

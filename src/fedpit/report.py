@@ -24,7 +24,8 @@ COVERS_RECORD_SYNTHETIC = ("epsilon covers ONLY the training steps on private ex
                            "samples were written by the global model with the client's private examples in its "
                            "prompts and filtered against its private text; no DP guarantee covers that path, so "
                            "the upload (FedPIT: W_a = beta*W_l + (1-beta)*W_s) and the global model have NO formal "
-                           "guarantee")
+                           "guarantee. With synth.demonstrations='public' the synthetic path reads no private text "
+                           "and epsilon covers the upload")
 COVERS_CLIENT = ("client-level (epsilon, delta)-DP of the global model (one client's whole data added or removed); "
                  "the server itself still sees every individual upload")
 
@@ -82,7 +83,8 @@ def dp_summary(records: list[dict[str, Any]], config) -> dict[str, Any]:
             for client, figures in rec["clients"].items():
                 if figures.get("dp_epsilon") is not None:
                     per_client[client] = figures["dp_epsilon"]
-        synthetic = METHODS.get(config.method.name).uses_synthetic
+        # public demonstrations: the synthetic data reads no private text, so DP-SGD covers it too
+        synthetic = METHODS.get(config.method.name).uses_synthetic and config.synth.demonstrations == "private"
         summary["record"] = {
             "epsilon": max(per_client.values()) if per_client else float("nan"),
             "epsilon_mean": _mean(list(per_client.values())), "per_client": per_client,

@@ -6,6 +6,11 @@ Two Self-Instruct phases with the current global model and no external API:
 Filters drop empty/short/refusal/template-marker outputs, instructions too close to a local one,
 and samples that copy private text; a response that fails the format check is retried with
 freshly drawn demonstrations up to `max_redraws` times. FedPIT, LocIT+SG and FedMIT share this.
+
+With public demonstrations (`synth.demonstrations = "public"`) both phases draw their demonstrations
+from a public pool, novelty is judged against that pool, and the copy filter is off: it reads
+private text to decide what is kept, which would make the synthetic data depend on private examples
+outside any DP guarantee. Closeness to private text is still recorded (client side) for the report.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ REFUSAL = re.compile(
 )
 FILTER_REASONS = (
     "instruction_empty_or_short", "instruction_repetitive", "instruction_refusal", "instruction_markers",
-    "instruction_similar_to_private",
+    "instruction_similar_to_private", "instruction_similar_to_public",
     "instruction_duplicate", "response_format", "copies_private",
 )
 
@@ -91,23 +96,28 @@ def self_generate(
     round_num: int,
     client: str,
     on_progress: Progress | None = None,
+    public: list[Example] | None = None,
 ) -> SynthOutcome:
-    """Generate until `num_candidates` samples pass the filters or `max_instructions` are spent.
-    The adapter is merged once for every generation call of the round (see `ModelHandle.inference`)."""
+    """Generate until `num_candidates` samples pass the filters or `max_instructions` are spent, with
+    demonstrations from `private` or, when given, from `public`. The adapter is merged once for every
+    generation call of the round (see `ModelHandle.inference`)."""
     with handle.inference():
         return _self_generate(handle, fmt, private, config, seed=seed, round_num=round_num, client=client,
-                              on_progress=on_progress)
+                              on_progress=on_progress, public=public)
 
 
 def _self_generate(handle: ModelHandle, fmt: PromptFormat, private: list[Example], config: SynthConfig, *,
-                   seed: int, round_num: int, client: str, on_progress: Progress | None) -> SynthOutcome:
+                   seed: int, round_num: int, client: str, on_progress: Progress | None,
+                   public: list[Example] | None) -> SynthOutcome:
     rng = random.Random(seed)
     decoding = dict(do_sample=config.decoding == "sample", temperature=config.temperature, top_p=config.top_p,
                     repetition_penalty=config.repetition_penalty)
     instr_opts = DecodingOptions(max_new_tokens=config.max_new_tokens_instruction, stop_strings=("\n",), **decoding)
     resp_opts = DecodingOptions(max_new_tokens=config.max_new_tokens_response,
                                 stop_strings=tuple(fmt.stop_strings), **decoding)
-    local_instructions = [_one_line(e.instruction) for e in private]
+    demos = public if public is not None else private
+    similar = "instruction_similar_to_public" if public is not None else "instruction_similar_to_private"
+    local_instructions = [_one_line(e.instruction) for e in demos]
     local_texts = [f"{e.instruction}\n{e.output}" for e in private]
     local_outputs = [e.output for e in private]
     outcome = SynthOutcome(samples=[], generated_instructions=0)
@@ -119,7 +129,7 @@ def _self_generate(handle: ModelHandle, fmt: PromptFormat, private: list[Example
             if outcome.generated_instructions >= config.max_instructions:
                 break
             want = min(config.batch_size, config.max_instructions - outcome.generated_instructions)
-            draws = [rng.sample(range(len(private)), min(config.num_instruction_demos, len(private)))
+            draws = [rng.sample(range(len(demos)), min(config.num_instruction_demos, len(demos)))
                      for _ in range(want)]
             prompts = [instruction_prompt([local_instructions[i] for i in d]) for d in draws]
             gen_seed += 1
@@ -132,12 +142,12 @@ def _self_generate(handle: ModelHandle, fmt: PromptFormat, private: list[Example
                 if problem:
                     outcome.filtered[f"instruction_{problem}"] += 1
                 elif max_rouge_l(instruction, local_instructions, config.rouge_threshold) > config.rouge_threshold:
-                    outcome.filtered["instruction_similar_to_private"] += 1
+                    outcome.filtered[similar] += 1
                 elif max_rouge_l(instruction, accepted_instructions, config.rouge_threshold) > config.rouge_threshold:
                     outcome.filtered["instruction_duplicate"] += 1
                 else:
                     accepted_instructions.append(instruction)
-                    pending.append((instruction, [private[i].id for i in draw]))
+                    pending.append((instruction, [demos[i].id for i in draw]))
             continue
         # Responses only for the instructions still needed: writing a response costs about ten times
         # an instruction, and every response beyond `num_candidates` used to be thrown away (a third
@@ -145,14 +155,14 @@ def _self_generate(handle: ModelHandle, fmt: PromptFormat, private: list[Example
         need = config.num_candidates - len(outcome.samples)
         batch, pending = pending[:need], pending[need:]
         gen_seed += 1
-        responses = _respond_with_redraws(handle, fmt, private, batch, config, resp_opts, rng, gen_seed)
+        responses = _respond_with_redraws(handle, fmt, demos, batch, config, resp_opts, rng, gen_seed)
         for (instruction, instr_demo_ids), (response, resp_demo_ids, attempts) in zip(batch, responses):
             if response is None:
                 outcome.filtered["response_format"] += 1
                 continue
             overlap = max(max_rouge_l(f"{instruction}\n{response}", local_texts),
                           max_rouge_l(response, local_outputs))
-            if overlap > config.rouge_threshold:
+            if overlap > config.rouge_threshold and public is None:
                 outcome.filtered["copies_private"] += 1
                 continue
             outcome.samples.append(SyntheticSample(

@@ -66,3 +66,33 @@ def test_missing_data_folder_names_where_it_looked(tokenizer, tmp_path):
     cfg = config_mod.load(None, [*SMALL, f"data.dir='{tmp_path / 'nowhere'}'"])
     with pytest.raises(DataError, match="nowhere"):
         build_federation(cfg, tokenizer)
+
+
+def test_public_pool_is_nobodys_data(tokenizer, data_dir, tmp_path, write_instruction_file):
+    """Public demonstrations come from pairs no client holds and no evaluation or membership set uses;
+    a public file replaces them; a deployed client with only its own file must name one."""
+    from fedpit.data.federation import public_pool
+
+    overrides = [*SMALL, f"data.dir='{data_dir}'", "eval.sets=['medquad']", "data.holdout_size=30",
+                 "synth.demonstrations='public'", "synth.public_size=50"]
+    federation = build_federation(config_mod.load(None, overrides), tokenizer)
+    assert len(federation.public) == 50
+    public_ids = {e.id for e in federation.public}
+    others = [*(e for c in federation.clients.values() for e in c), *federation.holdout,
+              *(e for s in federation.eval_sets.values() for e in s)]
+    assert not public_ids & {e.id for e in others}
+    assert not {text_key(e.instruction) for e in federation.public} & {text_key(e.instruction) for e in others}
+    assert "public" in federation.summary()
+    plain = build_federation(config_mod.load(None, [*SMALL, f"data.dir='{data_dir}'", "eval.sets=['medquad']",
+                                                    "data.holdout_size=30"]), tokenizer)
+    assert plain.public == [] and plain.clients == federation.clients, "the pool takes nothing from the clients"
+
+    file = write_instruction_file(tmp_path / "public.jsonl", 5, prefix="Public: ")
+    config = config_mod.load(None, [*overrides, f"synth.public_file='{file}'"])
+    from_file = public_pool(config, tokenizer, None, None)
+    assert len(from_file) == 5 and all(e.id.startswith("public/") and e.instruction.startswith("Public: ")
+                                       for e in from_file)
+    with pytest.raises(DataError, match="needs a public pool it can read"):
+        public_pool(config_mod.load(None, overrides), tokenizer, None, None)
+    with pytest.raises(DataError, match="fewer than synth.num_response_demos"):
+        public_pool(config_mod.load(None, [*overrides, "synth.public_size=2"]), tokenizer, None, federation.public)

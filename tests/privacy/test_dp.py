@@ -4,6 +4,7 @@ Gaussian mechanism (Balle & Wang 2018) for the accountants, and runs of every me
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -224,3 +225,32 @@ def test_dp_on_a_method_that_trains_on_no_private_data_is_refused(tiny_overrides
     config = dp_config(tiny_overrides)
     with pytest.raises(ConfigError, match="trains on no private data"):
         noise_multiplier(config, [[], []], "client-00", 12)
+
+
+def test_what_dp_covers_is_said_per_method_and_demonstration_source(tiny_overrides, tmp_path, write_instruction_file):
+    """FedPIT under DP-SGD with the paper's private demonstrations: epsilon covers W_l only, and the page
+    says the upload has no guarantee; with public demonstrations it covers the upload. FedAvg: always."""
+    from fedpit.report import COVERS_RECORD, COVERS_RECORD_SYNTHETIC, dp_summary, write_report
+
+    public = write_instruction_file(tmp_path / "public.jsonl", 8, prefix="Public ")
+    pages = {}
+    for label, extra in {"fedpit-private": ["method.name='fedpit'"],
+                         "fedpit-public": ["method.name='fedpit'", "synth.demonstrations='public'",
+                                           f"synth.public_file='{public}'"],
+                         "fedavg": ["method.name='fedavg'"]}.items():
+        config = dp_config(tiny_overrides, *extra, "federation.rounds=1")
+        exp = prepare(config)
+        run = open_run(exp, tmp_path / label)
+        run_experiment(exp, run)
+        summary = dp_summary(run.metrics(), config)["record"]
+        pages[label] = (summary, write_report(run.path).read_text())
+        if label == "fedpit-public":
+            demos = [json.loads(line) for line in next((run.path / "clients").glob("*/synthetic/*.jsonl"))
+                     .read_text().splitlines()]
+            assert demos and all(d.startswith("public/") for s in demos
+                                 for d in s["instruction_demo_ids"] + s["response_demo_ids"])
+    assert pages["fedpit-private"][0]["covers"] == COVERS_RECORD_SYNTHETIC
+    assert not pages["fedpit-private"][0]["covers_upload"] and "NO formal guarantee" in pages["fedpit-private"][1]
+    assert pages["fedpit-public"][0]["covers"] == COVERS_RECORD and pages["fedpit-public"][0]["covers_upload"]
+    assert pages["fedavg"][0]["covers"] == COVERS_RECORD
+    assert "## Differential privacy" in pages["fedavg"][1] and "epsilon = " in pages["fedavg"][1]

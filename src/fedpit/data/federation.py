@@ -37,6 +37,8 @@ class Federation:
     """Unused examples of the training distribution: the non-members of membership inference."""
     final_sets: dict[str, list[Example]] = field(default_factory=dict)
     """Whole held-out sets for the final model (`eval.final_sets`); `eval_sets` are their per-round prefixes."""
+    public: list[Example] = field(default_factory=list)
+    """Public demonstrations for self-generation (`synth.demonstrations = "public"`): nobody's private data."""
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -46,6 +48,7 @@ class Federation:
             "eval_sets": {name: len(e) for name, e in self.eval_sets.items()},
             "final_sets": {name: len(e) for name, e in self.final_sets.items()},
             "holdout": len(self.holdout),
+            **({"public": len(self.public)} if self.public else {}),
         }
 
     def fingerprint(self) -> str:
@@ -54,7 +57,8 @@ class Federation:
         digest = hashlib.sha256()
         groups = [*(("client", c, e) for c, e in sorted(self.clients.items())),
                   *(("eval", n, e) for n, e in sorted(self.eval_sets.items())),
-                  *(("final", n, e) for n, e in sorted(self.final_sets.items())), ("holdout", "", self.holdout)]
+                  *(("final", n, e) for n, e in sorted(self.final_sets.items())), ("holdout", "", self.holdout),
+                  *([("public", "", self.public)] if self.public else [])]
         for kind, name, examples in groups:
             digest.update(f"{kind}:{name}\n".encode())
             for ex in examples:
@@ -154,6 +158,8 @@ def build_federation(config: Config, tokenizer) -> Federation:
     picks = random.Random(derive_seed(config.seed, "holdout")).sample(
         range(len(unused)), min(config.data.holdout_size, len(unused)))
     holdout = [_fit(tokenizer, unused[i], config) for i in sorted(picks)]
+    public = public_pool(config, tokenizer, data_dir, [e for i, e in enumerate(unused) if i not in set(picks)]) \
+        if config.synth.demonstrations == "public" else []
     selected = [_fit(tokenizer, e, config) for e in selected]
     heldout = {name: [_fit(tokenizer, e, config) for e in examples] for name, examples in heldout.items()}
     eval_sets = {name: _prefix(heldout[name], config.eval.num_examples) for name in config.eval.sets}
@@ -167,11 +173,40 @@ def build_federation(config: Config, tokenizer) -> Federation:
                 f"client '{client}' has {len(examples)} examples, fewer than data.partition.min_examples="
                 f"{partition.min_examples}; use fewer clients, more data (data.fewshot.total) or a lower minimum"
             )
-    return Federation(clients=clients, eval_sets=eval_sets, holdout=holdout, final_sets=final_sets)
+    return Federation(clients=clients, eval_sets=eval_sets, holdout=holdout, final_sets=final_sets, public=public)
+
+
+def public_pool(config: Config, tokenizer, data_dir: Path | None, unused: list[Example] | None) -> list[Example]:
+    """Demonstrations that are nobody's private data: `synth.public_file`, or else `synth.public_size`
+    pairs of the source that no client holds and no evaluation or membership set uses (`unused`).
+    Self-generation from these reads no private text, so DP-SGD then covers the synthetic path too."""
+    synth = config.synth
+    if synth.public_file:
+        path = Path(synth.public_file).expanduser()
+        if not path.is_absolute() and not path.exists() and data_dir is not None:
+            path = data_dir / path
+        examples = load_instruction_file(path, config.data.instruction_field, config.data.input_field,
+                                         config.data.output_field)
+        examples = [replace(e, id=f"public/{e.id}") for e in examples]
+    elif unused is None:
+        raise DataError("synth.demonstrations='public' on a client with its own data file needs a public pool it "
+                        "can read: set synth.public_file=PATH to a JSON/JSONL file of public instruction/response "
+                        "pairs")
+    else:
+        rng = random.Random(derive_seed(config.seed, "public"))
+        examples = [unused[i] for i in sorted(rng.sample(range(len(unused)), min(synth.public_size, len(unused))))]
+    if len(examples) < synth.num_response_demos + 1:
+        raise DataError(f"the public demonstration pool has {len(examples)} examples, fewer than "
+                        f"synth.num_response_demos={synth.num_response_demos} plus one; raise synth.public_size or "
+                        f"give a larger synth.public_file")
+    return [_fit(tokenizer, e, config) for e in examples]
 
 
 def check_demonstrations(federation: Federation, config: Config) -> None:
-    """Self-generation shows each client's own examples as demonstrations: it needs enough of them."""
+    """Self-generation shows each client's own examples as demonstrations: it needs enough of them
+    (public demonstrations are checked when the pool is drawn)."""
+    if config.synth.demonstrations == "public":
+        return
     need = config.synth.num_response_demos + 1
     for client, examples in federation.clients.items():
         if len(examples) < need:

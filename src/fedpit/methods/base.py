@@ -56,6 +56,8 @@ class ClientContext:
     phase_seconds: dict[str, float] = field(default_factory=dict)
     dp: PrivateBudget | None = None
     """Record-level DP-SGD for every training on private examples (None: plain training)."""
+    public: list[Example] = field(default_factory=list)
+    """Public demonstrations for self-generation, used when `synth.demonstrations = "public"`."""
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -102,6 +104,7 @@ class ClientContext:
             return self_generate(
                 self.handle, self.fmt, self.examples, self.config.synth, seed=derive_seed(self.seed, "synth"),
                 round_num=self.round, client=self.client, on_progress=self._progress("self-generation"),
+                public=self.public if self.config.synth.demonstrations == "public" else None,
             )
 
     def ifs(self, adapter: AdapterState, examples: list[Example]) -> list[float]:

@@ -25,12 +25,13 @@ class ClientRunner:
     """A client's side: its examples, its folder, and the shared model it borrows for a round."""
 
     def __init__(self, config: Config, method: Method, handle: ModelHandle, fmt: PromptFormat,
-                 folder: Path) -> None:
+                 folder: Path, public: list[Example] | None = None) -> None:
         self.config = config
         self.method = method
         self.handle = handle
         self.fmt = fmt
         self.folder = Path(folder)
+        self.public = public or []
         self.store = ClientStateStore(self.folder, keep=config.output.checkpoint_every + 1)
 
     def run_round(self, client: str, examples: list[Example], round_num: int, global_adapter: AdapterState,
@@ -42,7 +43,7 @@ class ClientRunner:
             client=client, round=round_num, examples=examples, state=state,
             handle=self.handle, fmt=self.fmt, config=self.config, learning_rate=learning_rate,
             seed=derive_seed(self.config.seed, "client", client, round_num), broadcast=broadcast,
-            on_progress=on_progress, dp=dp,
+            on_progress=on_progress, dp=dp, public=self.public,
         )
         result = self.method.client_update(ctx, global_adapter)
         if dp is not None:

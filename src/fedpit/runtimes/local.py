@@ -104,7 +104,7 @@ def run_experiment(
     server = Server(cfg, exp.method, exp.handle, exp.fmt, exp.federation.eval_sets, run, progress, auditor_factory,
                     final_sets=exp.federation.final_sets)
     server.start(client_ids)
-    clients = ClientRunner(cfg, exp.method, exp.handle, exp.fmt, run.path / "clients")
+    clients = ClientRunner(cfg, exp.method, exp.handle, exp.fmt, run.path / "clients", exp.federation.public)
     for round_num in server.rounds():
         plan = server.plan(round_num, client_ids)
         reports, dropped = [], {}

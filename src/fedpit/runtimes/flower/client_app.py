@@ -25,7 +25,7 @@ from flwr.clientapp import ClientApp
 
 from fedpit import config as config_mod
 from fedpit.config import Config
-from fedpit.data.federation import build_federation, load_client_file
+from fedpit.data.federation import build_federation, load_client_file, public_pool
 from fedpit.errors import FedpitError
 from fedpit.methods import Method, build_method
 from fedpit.model import ModelHandle, load_model
@@ -63,11 +63,13 @@ def _state_dir(context: Context, client: str) -> Path:
     return root
 
 
-def _identify(config: Config, handle: ModelHandle, context: Context) -> tuple[str, list[Example]]:
+def _identify(config: Config, handle: ModelHandle, context: Context) -> tuple[str, list[Example], list[Example]]:
+    """This node's client name, its private examples, and the public demonstrations (when configured)."""
     node = context.node_config
     if "data-file" in node:
         client = str(node.get("client-id") or Path(str(node["data-file"])).stem)
-        return client, load_client_file(config, handle.tokenizer, str(node["data-file"]), client)
+        public = public_pool(config, handle.tokenizer, None, None) if config.synth.demonstrations == "public" else []
+        return client, load_client_file(config, handle.tokenizer, str(node["data-file"]), client), public
     if "partition-id" not in node:
         raise FedpitError("this SuperNode has neither data-file nor partition-id in its --node-config; "
                           "start it with --node-config \"client-id='NAME' data-file='PATH'\"")
@@ -76,7 +78,7 @@ def _identify(config: Config, handle: ModelHandle, context: Context) -> tuple[st
     index = int(node["partition-id"])
     if not 0 <= index < len(clients):
         raise FedpitError(f"partition-id {index} is outside the federation's {len(clients)} clients")
-    return clients[index], federation.clients[clients[index]]
+    return clients[index], federation.clients[clients[index]], federation.public
 
 
 def worker(config_toml: str, context: Context) -> _Worker:
@@ -92,8 +94,8 @@ def worker(config_toml: str, context: Context) -> _Worker:
     else:
         handle = load_model(config.model, config.lora, seed=config.seed)
     fmt = make_format(config.prompt.template, handle.tokenizer)
-    client, examples = _identify(config, handle, context)
-    runner = ClientRunner(config, method, handle, fmt, _state_dir(context, client))
+    client, examples, public = _identify(config, handle, context)
+    runner = ClientRunner(config, method, handle, fmt, _state_dir(context, client), public)
     _WORKER[key] = _Worker(config_toml, config, method, handle, fmt, client, examples, runner)
     return _WORKER[key]
 
