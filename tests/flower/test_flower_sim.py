@@ -67,3 +67,29 @@ def test_bf16_transport_runs_and_records_wire_bytes(tmp_path, tiny_overrides):
     sent = next(r for r in RunDir(run).metrics() if r["kind"] == "round")
     fp32_bytes = sum(t.numel() * 4 for t in _adapter(run).values())
     assert all(c["upload_bytes"] < fp32_bytes for c in sent["clients"].values())
+
+
+def test_both_levels_of_dp_run_on_flower_with_the_budget_of_the_in_process_run(tmp_path, tiny_overrides, monkeypatch):
+    """Record-level DP-SGD (on the ClientApps) and client-level DP (in the shared server loop) run on
+    Flower's engine: each round spends exactly what the in-process run spends, and no reply carries a
+    training loss."""
+    config = config_mod.load(None, [*tiny_overrides, *SIM, "method.name='fedavg'", "privacy.dp.enabled=true",
+                                    "privacy.dp.target_epsilon=4", "privacy.dp.delta=1e-3",
+                                    "privacy.client_dp.enabled=true", "privacy.client_dp.noise_multiplier=0.5",
+                                    "privacy.client_dp.delta=0.1"])
+    exp = prepare(config)
+    local = open_run(exp, tmp_path / "local")
+    run_experiment(exp, local)
+    seen = []
+    original = server_app.codec.decode_reply
+    monkeypatch.setattr(server_app.codec, "decode_reply", lambda content: seen.append(content) or original(content))
+    flower = run_simulation(config, tmp_path / "flower")
+
+    def spent(path):
+        return [({c: f["dp_epsilon"] for c, f in r["clients"].items()}, r["client_dp"]["epsilon"])
+                for r in RunDir(path).metrics() if r["kind"] == "round"]
+
+    assert spent(flower) == spent(local.path) and len(spent(flower)) == 2
+    assert seen and all("dp_epsilon" in c["metrics"] and not any(k.startswith("train_loss") for k in c["metrics"])
+                        for c in seen)
+    assert list((flower / "clients").glob("*/dp-secret")) and (flower / "server-dp-secret").is_file()

@@ -169,10 +169,10 @@ class Server:
             round_record["client_dp"] = client_dp
         self.run.append_metrics(round_record)
         losses = [c["train_loss_private"] for c in per_client.values() if c.get("train_loss_private") is not None]
-        mean_loss = sum(losses) / len(losses) if losses else float("nan")
+        loss_note = f", mean private loss {sum(losses) / len(losses):.3f}" if losses else ""
         dropped_note = f", {len(dropped)} dropped" if dropped else ""
-        self.progress.round_done(plan.round_num, f"{len(reports)} clients{dropped_note}, mean private loss "
-                                                 f"{mean_loss:.3f}, {round_record['seconds']['round']:.0f}s")
+        self.progress.round_done(plan.round_num, f"{len(reports)} clients{dropped_note}{loss_note}, "
+                                                 f"{round_record['seconds']['round']:.0f}s")
         last = plan.round_num == cfg.federation.rounds
         if self.attack_round(plan.round_num) and "global" in cfg.privacy.targets:
             self.audit(self.global_adapter, plan.round_num, "global", None)
