@@ -175,31 +175,34 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
-class DPConfig:
-    """`[privacy.dp]`: record-level DP-SGD in every local training on private examples (Abadi et al.
-    2016): per-example clipping to `max_grad_norm`, Gaussian noise of std noise_multiplier * max_grad_norm,
-    Poisson sampling of batches; epsilon per client accumulated over rounds by an Opacus accountant."""
+class GaussianDPConfig:
+    """What both kinds of DP share: a Gaussian mechanism whose noise is given (noise_multiplier) or
+    calibrated to a target epsilon, its delta, and the Opacus accountant that composes it."""
 
     enabled: bool = False
     noise_multiplier: float = 0.0
     target_epsilon: float = 0.0
-    max_grad_norm: float = 1.0
     delta: float = 1e-5
     accountant: str = "rdp"
 
 
 @dataclass(frozen=True)
-class ClientDPConfig:
+class DPConfig(GaussianDPConfig):
+    """`[privacy.dp]`: record-level DP-SGD in every local training on private examples (Abadi et al.
+    2016): per-example clipping to `max_grad_norm`, Gaussian noise of std noise_multiplier * max_grad_norm,
+    Poisson sampling of batches; epsilon per client accumulated over rounds by an Opacus accountant."""
+
+    max_grad_norm: float = 1.0
+
+
+@dataclass(frozen=True)
+class ClientDPConfig(GaussianDPConfig):
     """`[privacy.client_dp]`: client-level DP (DP-FedAvg, McMahan et al. 2018) on the server: each
     client's update W_a,k - W_g clipped to `clip_norm`, the uniform mean of the clipped updates plus
     Gaussian noise of std noise_multiplier * clip_norm / (sampled clients)."""
 
-    enabled: bool = False
-    noise_multiplier: float = 0.0
-    target_epsilon: float = 0.0
-    clip_norm: float = 0.1
     delta: float = 1e-3
-    accountant: str = "rdp"
+    clip_norm: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -521,7 +524,7 @@ def validate(config: Config) -> None:
         )
 
 
-def _validate_dp(dp: DPConfig | ClientDPConfig, where: str, clip_key: str) -> None:
+def _validate_dp(dp: GaussianDPConfig, where: str, clip_key: str) -> None:
     """Exactly one of noise_multiplier and target_epsilon, a positive clip bound, 0 < delta < 1.
     Checked whether or not `enabled`, so a table that is switched on later is already sound."""
     clip = getattr(dp, clip_key)

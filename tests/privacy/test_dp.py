@@ -254,3 +254,18 @@ def test_what_dp_covers_is_said_per_method_and_demonstration_source(tiny_overrid
     assert pages["fedpit-public"][0]["covers"] == COVERS_RECORD and pages["fedpit-public"][0]["covers_upload"]
     assert pages["fedavg"][0]["covers"] == COVERS_RECORD
     assert "## Differential privacy" in pages["fedavg"][1] and "epsilon = " in pages["fedavg"][1]
+
+
+def test_a_batch_checks_every_rows_dp_settings_before_the_first_trains(tiny_overrides, tmp_path, capsys):
+    """`fedpit compare` with a delta that is too large for the DP row's clients: one error line, and not even
+    the first (non-DP) row has trained."""
+    from fedpit.cli import main
+
+    (tmp_path / "empty.toml").write_text("")
+    out = tmp_path / "compare"
+    argv = ["compare", str(tmp_path / "empty.toml"), "--methods", "fedavg", "--quiet", "--out", str(out),
+            "--variant", "dp:method.name='fedavg';privacy.dp.enabled=true;privacy.dp.target_epsilon=4;"
+                         "privacy.dp.delta=0.5", *[a for o in tiny_overrides for a in ("--set", o)]]
+    assert main(argv) == 2
+    assert "not below 1/n for client" in capsys.readouterr().err
+    assert not out.exists()

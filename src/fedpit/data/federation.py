@@ -197,8 +197,9 @@ def public_pool(config: Config, tokenizer, data_dir: Path | None, unused: list[E
         examples = [unused[i] for i in sorted(rng.sample(range(len(unused)), min(synth.public_size, len(unused))))]
     if len(examples) < synth.num_response_demos + 1:
         raise DataError(f"the public demonstration pool has {len(examples)} examples, fewer than "
-                        f"synth.num_response_demos={synth.num_response_demos} plus one; raise synth.public_size or "
-                        f"give a larger synth.public_file")
+                        f"synth.num_response_demos={synth.num_response_demos} plus one; raise synth.public_size, "
+                        f"leave more of the data source unused (a lower data.fewshot.total), or give "
+                        f"synth.public_file")
     return [_fit(tokenizer, e, config) for e in examples]
 
 

@@ -25,6 +25,14 @@ def _accountant(name: str, history: History):
     return accountant
 
 
+def step(history: History, noise_multiplier: float, sample_rate: float, accountant: str = "rdp") -> History:
+    """`history` with one more step, merged into the last entry when it has the same noise and rate
+    (the accountant's own bookkeeping)."""
+    composed = _accountant(accountant, history)
+    composed.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
+    return [(float(s), float(q), int(n)) for s, q, n in composed.history]
+
+
 def epsilon(history: History, delta: float, accountant: str = "rdp") -> float:
     """(epsilon, delta)-DP of running every step of `history` (0 for an empty one)."""
     if not any(steps for _, _, steps in history):

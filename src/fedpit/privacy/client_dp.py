@@ -21,7 +21,7 @@ import torch
 
 from fedpit.config import ClientDPConfig
 from fedpit.errors import ConfigError
-from fedpit.privacy.accounting import calibrate, epsilon
+from fedpit.privacy.accounting import calibrate, epsilon, step
 from fedpit.types import AdapterState, ClientUpload
 
 STATE_KEY = "client_dp"
@@ -80,10 +80,6 @@ class ClientLevelDP:
     def account(self, server_state: dict[str, Any]) -> float:
         """One more round spent; the run's epsilon so far (the history lives in the checkpointed state)."""
         state = server_state.setdefault(STATE_KEY, {"history": []})
-        history = [tuple(h) for h in state["history"]]
-        if history and history[-1][:2] == (self.noise, self.rate):
-            history[-1] = (self.noise, self.rate, history[-1][2] + 1)
-        else:
-            history.append((self.noise, self.rate, 1))
+        history = step([tuple(h) for h in state["history"]], self.noise, self.rate, self.dp.accountant)
         state["history"] = [list(h) for h in history]
         return epsilon(history, self.dp.delta, self.dp.accountant)

@@ -14,7 +14,7 @@ from fedpit.model import ModelHandle
 from fedpit.progress import RunProgress
 from fedpit.report import write_report
 from fedpit.runs import RunDir, private_dir
-from fedpit.runtimes.local import open_run, prepare, run_experiment
+from fedpit.runtimes.local import build_clients, open_run, prepare, run_experiment
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,28 @@ class Job:
     config: Config
 
 
+def check_privacy(jobs: list[Job]) -> None:
+    """DP settings hold or fail by every client's size (delta below 1/n, a reachable target epsilon):
+    check each DP job's on its own clients before the first job trains, not hours into a batch."""
+    from transformers import AutoTokenizer
+
+    from fedpit.methods import build_method
+    from fedpit.model import resolve_model_path
+
+    tokenizers: dict[str, object] = {}
+    for job in jobs:
+        cfg = job.config
+        if not (cfg.privacy.dp.enabled or cfg.privacy.client_dp.enabled):
+            continue
+        if cfg.model.name not in tokenizers:
+            tokenizers[cfg.model.name] = AutoTokenizer.from_pretrained(
+                resolve_model_path(cfg.model.name, cfg.model.cache_dir),
+                trust_remote_code=cfg.model.trust_remote_code)
+        build_clients(cfg, build_method(cfg), tokenizers[cfg.model.name])
+
+
 def run_jobs(jobs: list[Job], root: Path, progress: RunProgress) -> list[Path]:
+    check_privacy(jobs)
     private_dir(root)
     handle: ModelHandle | None = None
     paths = []

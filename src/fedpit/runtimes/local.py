@@ -28,7 +28,7 @@ from fedpit.runtimes.server import ClientReport, Server, client_level_dp, sample
 from fedpit.runtimes.state import ClientStateStore
 from fedpit.types import AdapterState, ClientUpload
 
-__all__ = ["Experiment", "open_run", "prepare", "run_experiment", "sample_clients"]
+__all__ = ["Experiment", "build_clients", "open_run", "prepare", "run_experiment", "sample_clients"]
 
 log = logging.getLogger(__name__)
 UploadObserver = Callable[[int, ClientUpload], None]
@@ -56,7 +56,15 @@ def prepare(config: Config, handle: ModelHandle | None = None) -> Experiment:
     if handle is None or not handle.compatible(config.model, config.lora):
         handle = load_model(config.model, config.lora, seed=config.seed)
     fmt = make_format(config.prompt.template, handle.tokenizer)
-    federation = build_federation(config, handle.tokenizer)
+    federation, canaries = build_clients(config, method, handle.tokenizer)
+    return Experiment(config=config, method=method, handle=handle, fmt=fmt, federation=federation, canaries=canaries)
+
+
+def build_clients(config: Config, method: Method, tokenizer) -> tuple[Federation, list]:
+    """The federation as the method's clients see it (canaries planted, pooled for centralized), with
+    every check that needs the clients' data: demonstrations, and both kinds of DP, whose settings hold
+    or fail by each client's size. Needs only the tokenizer, so a batch can check every job first."""
+    federation = build_federation(config, tokenizer)
     canaries = plant(config, federation)
     if method.pools_clients:
         federation.clients = {"pooled": [e for c in sorted(federation.clients) for e in federation.clients[c]]}
@@ -67,7 +75,7 @@ def prepare(config: Config, handle: ModelHandle | None = None) -> Experiment:
     if config.privacy.dp.enabled:
         passes = [method.private_passes(r) for r in range(1, config.federation.rounds + 1)]
         record_dp.check(config, passes, {c: len(e) for c, e in federation.clients.items()})
-    return Experiment(config=config, method=method, handle=handle, fmt=fmt, federation=federation, canaries=canaries)
+    return federation, canaries
 
 
 def open_run(exp: Experiment, path: Path, resume: bool = False) -> RunDir:

@@ -21,7 +21,7 @@ from typing import Any
 
 from fedpit.config import Config
 from fedpit.engines.training import learning_rate_for_round
-from fedpit.errors import ClientFailure
+from fedpit.errors import ClientFailure, ConfigError
 from fedpit.evaluation import EvalOptions, evaluate
 from fedpit.faults import failpoint
 from fedpit.privacy.client_dp import ClientLevelDP, sampling_rate
@@ -246,8 +246,6 @@ class Server:
 def client_level_dp(config: Config, method, num_clients: int, run: RunDir | None = None) -> ClientLevelDP:
     """The run's DP-FedAvg mechanism; a ConfigError for a method whose server rule needs more than the
     mean of the uploads, or settings that cannot hold. The noise secret lives in the run directory."""
-    from fedpit.errors import ConfigError
-
     if not method.mean_aggregation:
         raise ConfigError(f"privacy.client_dp cannot wrap method '{config.method.name}': its server rule needs more "
                           f"than the mean of the uploads (individual uploads, control variates, or none at all); "
