@@ -231,6 +231,11 @@ class FlowerConfig:
     client_cpus: float = 1.0
     client_gpus: float = 0.0
     wait_for_nodes: float = 120.0
+    secure_aggregation: bool = False
+    secagg_shares: float = 1.0
+    secagg_threshold: float = 0.67
+    secagg_clipping_range: float = 8.0
+    secagg_quantization_range: int = 4194304
 
 
 @dataclass(frozen=True)
@@ -516,12 +521,42 @@ def validate(config: Config) -> None:
         raise ConfigError("config keys 'privacy.canary_clients' and 'privacy.every' must be >= 0")
     _validate_dp(privacy.dp, "privacy.dp", "max_grad_norm")
     _validate_dp(privacy.client_dp, "privacy.client_dp", "clip_norm")
+    _validate_secagg(config.flower)
     partition = config.data.partition
     if config.federation.clients_per_round > partition.num_clients and partition.kind != "natural":
         raise ConfigError(
             f"federation.clients_per_round={config.federation.clients_per_round} exceeds "
             f"data.partition.num_clients={config.data.partition.num_clients}; lower it or use 0 for all clients"
         )
+
+
+SECAGG_MODULUS = 2**32
+"""SecAgg+'s mask modulus (Flower's default and its maximum): sums of quantised uploads must stay below it."""
+
+
+def _validate_secagg(flower: FlowerConfig) -> None:
+    """SecAgg+'s settings. A share count above 1 is a number of clients, at most 1 a fraction of those
+    sampled; the threshold likewise, and as a fraction it must exceed one half: with a half or less, a
+    server that tells some neighbours a client dropped and others that it did not collects enough shares
+    of both its secrets to unmask its upload."""
+    shares, threshold = flower.secagg_shares, flower.secagg_threshold
+    if shares <= 0 or (shares > 1 and (shares != int(shares) or shares < 3)):
+        raise ConfigError(f"config key 'flower.secagg_shares' is {shares:g}; give a fraction of the sampled clients "
+                          f"in (0, 1] (1 = every client shares with every other) or a whole number of clients >= 3")
+    if threshold <= 0.5 or (threshold > 1 and threshold != int(threshold)):
+        raise ConfigError(f"config key 'flower.secagg_threshold' is {threshold:g}; give a fraction of the shares in "
+                          f"(0.5, 1] or a whole number of shares >= 2 (a fraction of a half or less lets the server "
+                          f"unmask a client)")
+    if shares > 1 and threshold > 1 and threshold >= shares:
+        raise ConfigError(f"flower.secagg_threshold={threshold:g} must be below flower.secagg_shares={shares:g}")
+    if flower.secagg_clipping_range <= 0:
+        raise ConfigError("config key 'flower.secagg_clipping_range' must be > 0 (uploads are clipped to "
+                          "[-range, range] before quantisation)")
+    quant = flower.secagg_quantization_range
+    if not 2 <= quant < SECAGG_MODULUS // 2:
+        raise ConfigError(f"config key 'flower.secagg_quantization_range' is {quant}; it must be within "
+                          f"[2, {SECAGG_MODULUS // 2}) so that the masked sum of several clients fits the "
+                          f"2**32 modulus (the default 4194304 = 2**22 leaves room for 1024 clients a round)")
 
 
 def _validate_dp(dp: GaussianDPConfig, where: str, clip_key: str) -> None:

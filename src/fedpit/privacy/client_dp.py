@@ -62,19 +62,24 @@ class ClientLevelDP:
     def noised_mean(self, global_adapter: AdapterState, uploads: list[ClientUpload], sampled: int,
                     round_num: int) -> tuple[ClientUpload, dict[str, float]]:
         """One upload standing for the mean: W_g + (sum of clipped updates + noise) / m."""
-        bound = self.dp.clip_norm
-        clipped = [clip_update(u.tensors, global_adapter, bound) for u in uploads]
+        clipped = [clip_update(u.tensors, global_adapter, self.dp.clip_norm) for u in uploads]
+        total = {key: sum(c[key] for c, _ in clipped) for key in global_adapter}
+        return self.noised_sum(global_adapter, total, sampled, round_num,
+                               sum(cut for _, cut in clipped) / max(len(clipped), 1))
+
+    def noised_sum(self, global_adapter: AdapterState, clipped_sum: AdapterState, sampled: int, round_num: int,
+                   clipped_fraction: float) -> tuple[ClientUpload, dict[str, float]]:
+        """W_g + (clipped_sum + noise) / m, from the sum of the clipped updates alone: what secure
+        aggregation gives the server when each client clipped its own update."""
         seed = int.from_bytes(hmac.new(self.secret, f"round:{round_num}".encode(), hashlib.sha256).digest()[:8],
                               "little") >> 2
         generator = torch.Generator().manual_seed(seed)
-        std = self.noise * bound
+        std = self.noise * self.dp.clip_norm
         mean = {}
         for key, tensor in global_adapter.items():
-            total = sum(c[key] for c, _ in clipped)
             noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float64) * std
-            mean[key] = (tensor.double() + (total + noise) / sampled).float()
-        figures = {"clipped": sum(cut for _, cut in clipped) / max(len(clipped), 1),
-                   "noise_multiplier": self.noise, "clip_norm": bound}
+            mean[key] = (tensor.double() + (clipped_sum[key].double() + noise) / sampled).float()
+        figures = {"clipped": clipped_fraction, "noise_multiplier": self.noise, "clip_norm": self.dp.clip_norm}
         return ClientUpload(client="client-dp-mean", tensors=mean, num_examples=1), figures
 
     def account(self, server_state: dict[str, Any]) -> float:

@@ -34,6 +34,10 @@ def attack_run(run: RunDir, round_num: int | None, targets: list[str], attacks: 
     jobs: list[tuple[str, str | None, AdapterState]] = []
     if "global" in targets:
         jobs.append(("global", None, base if round_num == 0 else run.load_checkpoint(round_num)))
+    if "uploads" in targets and stored.flower.secure_aggregation:
+        raise FedpitError(f"run '{run.path}' used flower.secure_aggregation: the server never saw an individual "
+                          f"upload (uploads not visible to the server), so there are none to attack; attack the "
+                          f"global model with --target global")
     if "uploads" in targets:
         uploads = run.load_uploads(round_num)
         if not uploads:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from fedpit.config import Config
 from fedpit.data.federation import Federation, build_federation, check_demonstrations
-from fedpit.errors import FedpitError
+from fedpit.errors import ConfigError, FedpitError
 from fedpit.methods import Method, build_method
 from fedpit.model import ModelHandle, load_model
 from fedpit.privacy import dp as record_dp
@@ -103,6 +103,10 @@ def run_experiment(
     """Run every round still to run (all of them, or those after the last checkpoint when `run`
     holds one); returns the final global adapter (also saved in PEFT format)."""
     cfg = exp.config
+    if cfg.flower.secure_aggregation:
+        raise ConfigError("flower.secure_aggregation secures what travels between clients and server, and the "
+                          "in-process simulator sends nothing: run with --runtime flower-sim or on a Flower "
+                          "deployment (`fedpit flower submit`), or set flower.secure_aggregation=false")
     progress = progress or RunProgress(quiet=True)
     client_ids = sorted(exp.federation.clients)
     auditor_factory = None

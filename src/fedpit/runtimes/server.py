@@ -67,6 +67,18 @@ class ClientReport:
     """Bytes as they travelled, where a transport narrowed them (bf16); else the upload's size."""
 
 
+@dataclass
+class SecureAggregate:
+    """What a secure-aggregation transport gives the server instead of the uploads: their weighted mean
+    (weights: example counts, or 1 each when the clients clipped their updates for client-level DP),
+    the total weight, and what the transport wants on record (error bound, shares, threshold)."""
+
+    mean: AdapterState
+    total_weight: float
+    contributors: int
+    record: dict[str, Any] = field(default_factory=dict)
+
+
 class Server:
     """One run's server. `start()` restores from the last good checkpoint when the run directory
     has one; `rounds()` then yields the rounds still to run."""
@@ -135,15 +147,18 @@ class Server:
             round_num % every == 0 or round_num == self.config.federation.rounds)
 
     def complete_round(self, plan: RoundPlan, reports: list[ClientReport],
-                       dropped: dict[str, str] | None = None) -> AdapterState:
-        """Aggregate the uploads that arrived, record the round, evaluate, and commit it."""
+                       dropped: dict[str, str] | None = None, secure: SecureAggregate | None = None) -> AdapterState:
+        """Aggregate the uploads that arrived, record the round, evaluate, and commit it. With `secure`,
+        the reports carry no tensors and the method aggregates the one mean the transport computed."""
         cfg = self.config
         dropped = dropped or {}
         uploads = [r.upload for r in reports]
         self.check_replies(plan, len(reports), dropped)
         aggregate_start = time.perf_counter()
         client_dp: dict[str, float] = {}
-        if uploads and self.client_dp is not None:
+        if secure is not None:
+            client_dp = self._aggregate_secure(plan, secure, reports)
+        elif uploads and self.client_dp is not None:
             mean, client_dp = self.client_dp.noised_mean(self.global_adapter, uploads, len(plan.sampled),
                                                          plan.round_num)
             client_dp["epsilon"] = self.client_dp.account(self.server_state)
@@ -167,6 +182,8 @@ class Server:
             round_record["dropped"] = dropped
         if client_dp:
             round_record["client_dp"] = client_dp
+        if secure is not None:
+            round_record["secure_aggregation"] = {"contributors": secure.contributors, **secure.record}
         self.run.append_metrics(round_record)
         losses = [c["train_loss_private"] for c in per_client.values() if c.get("train_loss_private") is not None]
         loss_note = f", mean private loss {sum(losses) / len(losses):.3f}" if losses else ""
@@ -183,6 +200,25 @@ class Server:
         if last or (every and plan.round_num % every == 0):
             self.run.commit(plan.round_num, self.global_adapter, self.server_state)
         return self.global_adapter
+
+    def _aggregate_secure(self, plan: RoundPlan, secure: SecureAggregate,
+                          reports: list[ClientReport]) -> dict[str, float]:
+        """The method's server rule on the secure mean. Under client-level DP every client clipped its own
+        update and weighed 1, so the mean times the contributors is the sum of clipped updates; the
+        server adds the noise to that sum as it would to the sum of the uploads it clipped itself."""
+        if self.client_dp is None:
+            mean = ClientUpload(client="secure-aggregate", tensors=secure.mean,
+                                num_examples=round(secure.total_weight))
+            self.global_adapter = self.method.aggregate(self.global_adapter, [mean], self.server_state)
+            return {}
+        clipped_sum = {k: (secure.mean[k].double() - self.global_adapter[k].double()) * secure.contributors
+                       for k in self.global_adapter}
+        cut = [r.upload.metrics.get("client_dp_clipped", 0.0) for r in reports]
+        mean, figures = self.client_dp.noised_sum(self.global_adapter, clipped_sum, len(plan.sampled),
+                                                  plan.round_num, sum(cut) / max(len(cut), 1))
+        figures["epsilon"] = self.client_dp.account(self.server_state)
+        self.global_adapter = self.method.aggregate(self.global_adapter, [mean], self.server_state)
+        return figures
 
     def required_replies(self, plan: RoundPlan) -> int:
         """federation.min_replies, or every sampled client when it is 0."""

@@ -32,12 +32,13 @@ from fedpit.model import ModelHandle, load_model
 from fedpit.prompts import PromptFormat, make_format
 from fedpit.runtimes.client import ClientRunner
 from fedpit.runtimes.flower import codec
+from fedpit.runtimes.flower.secure import secure_mod, secure_upload
 from fedpit.types import Example
 
 log = logging.getLogger(__name__)
 STATE_DIR_ENV = "FEDPIT_FLOWER_STATE_DIR"
 
-app = ClientApp()
+app = ClientApp(mods=[secure_mod])  # SecAgg+ on secure rounds only
 
 
 @dataclass
@@ -109,6 +110,8 @@ def identify(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    if codec.is_secure_request(msg.content):
+        return _train_secure(msg, context)
     request = codec.decode_request(msg.content)
     w = worker(request.config_toml, context)
     if request.client != w.client:
@@ -116,4 +119,17 @@ def train(msg: Message, context: Context) -> Message:
     result = w.runner.run_round(w.client, w.examples, request.round_num, request.global_adapter,
                                 request.learning_rate, request.broadcast)
     content: RecordDict = codec.encode_reply(result.upload, result.phase_seconds, w.config.flower.transport)
+    return Message(content=content, reply_to=msg)
+
+
+def _train_secure(msg: Message, context: Context) -> Message:
+    """A secure round's training step: the reply's upload is masked by `secure_mod` before it leaves."""
+    request, keys = codec.decode_secure_request(msg.content)
+    w = worker(request.config_toml, context)
+    if request.client != w.client:
+        raise FedpitError(f"the server addressed client '{request.client}' but this node is '{w.client}'")
+    result = w.runner.run_round(w.client, w.examples, request.round_num, request.global_adapter,
+                                request.learning_rate, {})
+    tensors, weight = secure_upload(result.upload, request.global_adapter, w.config)
+    content = codec.encode_secure_reply(tensors, keys, weight, result.upload.metrics, result.phase_seconds)
     return Message(content=content, reply_to=msg)

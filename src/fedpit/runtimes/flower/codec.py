@@ -10,6 +10,11 @@ metrics) plus seconds per phase. No text, no private state: `decode_reply` rejec
 bf16 transport: numpy (which Flower's arrays use) has no bfloat16, so bf16 tensors travel as their
 16-bit patterns (an int16 view) with their names listed in the record; they are widened back to
 fp32 before aggregation, so only the wire is half-size.
+
+Secure rounds (SecAgg+, see secure.py) speak the records Flower's workflow and client mod expect:
+a FitIns down (the global adapter as arrays in sorted key order, the same settings as above) and a
+FitRes up (the weighted upload, which the mod masks and removes before it leaves, its weight, and
+the numeric metrics).
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.common import Code, FitIns, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.compat.common import recorddict_compat as compat
 
 from fedpit.runtimes.server import ClientReport
 from fedpit.types import AdapterState, ClientUpload
@@ -134,3 +141,54 @@ def encode_identity(client: str, num_examples: int) -> RecordDict:
 def decode_identity(content: RecordDict) -> tuple[str, int]:
     meta = content[META]
     return str(meta["client"]), int(meta["num-examples"])
+
+
+def message_bytes(content: RecordDict) -> int:
+    """Bytes of everything in a message (tensors, masked vectors, keys and shares, settings); a number
+    counts 8 bytes, as protobuf carries it (Flower's own count rejects some lists SecAgg+ sends)."""
+
+    def size(value) -> int:
+        if isinstance(value, list):
+            return sum(size(v) for v in value)
+        return len(value) if isinstance(value, (str, bytes)) else 1 if isinstance(value, bool) else 8
+
+    total = sum(record.count_bytes() for record in content.array_records.values())
+    for record in [*content.config_records.values(), *content.metric_records.values()]:
+        total += sum(len(key) + size(value) for key, value in record.items())
+    return total
+
+
+def encode_secure_request(round_num: int, learning_rate: float, client: str, config_toml: str,
+                          global_adapter: AdapterState, keys: list[str]) -> FitIns:
+    arrays = [global_adapter[k].detach().cpu().float().numpy() for k in keys]
+    return FitIns(parameters=ndarrays_to_parameters(arrays),
+                  config={"round": round_num, "learning-rate": learning_rate, "client": client,
+                          "config": config_toml, "keys": ",".join(keys)})
+
+
+def is_secure_request(content: RecordDict) -> bool:
+    return "fitins.parameters" in content.array_records
+
+
+def decode_secure_request(content: RecordDict) -> tuple[RoundRequest, list[str]]:
+    ins = compat.recorddict_to_fitins(content, keep_input=True)
+    keys = str(ins.config["keys"]).split(",")
+    arrays = [torch.from_numpy(a.copy()) for a in parameters_to_ndarrays(ins.parameters)]
+    request = RoundRequest(round_num=int(ins.config["round"]), learning_rate=float(ins.config["learning-rate"]),
+                           client=str(ins.config["client"]), config_toml=str(ins.config["config"]),
+                           global_adapter=dict(zip(keys, arrays, strict=True)), broadcast={})
+    return request, keys
+
+
+def encode_secure_reply(tensors: AdapterState, keys: list[str], weight: int, metrics: dict[str, float],
+                        phase_seconds: dict[str, float]) -> RecordDict:
+    arrays = [tensors[k].detach().cpu().float().numpy() for k in keys]
+    scalars = {**{k: float(v) for k, v in metrics.items()}, **{SECONDS + k: float(v) for k, v in phase_seconds.items()}}
+    return compat.fitres_to_recorddict(FitRes(status=Status(Code.OK, ""), parameters=ndarrays_to_parameters(arrays),
+                                              num_examples=weight, metrics=scalars), keep_input=True)
+
+
+def decode_secure_metrics(scalars: dict) -> tuple[dict[str, float], dict[str, float]]:
+    metrics = {k: float(v) for k, v in scalars.items()}
+    seconds = {k[len(SECONDS):]: metrics.pop(k) for k in list(metrics) if k.startswith(SECONDS)}
+    return metrics, seconds

@@ -28,9 +28,11 @@ from flwr.serverapp import Grid, ServerApp
 from fedpit import config as config_mod
 from fedpit.config import Config
 from fedpit.errors import FedpitError
+from fedpit.methods import METHODS
 from fedpit.progress import RunProgress
 from fedpit.report import write_report
 from fedpit.runtimes.flower import codec
+from fedpit.runtimes.flower.secure import check_method, secure_round
 from fedpit.runtimes.local import open_run, prepare
 from fedpit.runtimes.server import ClientReport, RoundPlan, Server
 
@@ -145,12 +147,17 @@ def check_config(config: Config) -> None:
     """What the Flower runtime cannot do, said before anything starts."""
     if config.method.name in ("centralized", "local", "local_sg"):
         raise FedpitError(f"method '{config.method.name}' does not federate; run it with the local runtime")
+    check_method(config, METHODS.get(config.method.name))
+    if config.privacy.enabled and config.flower.secure_aggregation:
+        raise FedpitError("the privacy audit attacks the uploads the server sees, and under "
+                          "flower.secure_aggregation it sees none (uploads not visible to the server); attack the "
+                          "global model of the finished run with `fedpit attack RUN_DIR --target global`")
     if config.privacy.enabled:
         raise FedpitError("the privacy audit needs every client's data in one process: run it with the local "
                           "runtime (--runtime local), or attack a Flower run afterwards with `fedpit attack RUN_DIR`")
 
 
-def serve(grid: Grid, settings: ServerSettings, progress: RunProgress | None = None) -> Path:
+def serve(grid: Grid, settings: ServerSettings, context: Context, progress: RunProgress | None = None) -> Path:
     """Run (or resume) the experiment over the nodes of `grid`; returns the run directory."""
     config = settings.config
     check_config(config)
@@ -168,8 +175,14 @@ def serve(grid: Grid, settings: ServerSettings, progress: RunProgress | None = N
         server.start(client_ids)
         for round_num in server.rounds():
             plan = server.plan(round_num, client_ids)
-            reports, dropped = send_round(grid, directory, plan, config, config_toml)
-            server.complete_round(plan, reports, dropped)
+            if config.flower.secure_aggregation:
+                directory.refresh()
+                reports, dropped, secure = secure_round(grid, context, directory.node_of, directory.examples, plan,
+                                                        config, config_toml)
+                server.complete_round(plan, reports, dropped, secure=secure)
+            else:
+                reports, dropped = send_round(grid, directory, plan, config, config_toml)
+                server.complete_round(plan, reports, dropped)
         server.finish()
     except BaseException as exc:
         run.write_status("failed", error=f"{type(exc).__name__}: {exc}")
@@ -181,4 +194,4 @@ def serve(grid: Grid, settings: ServerSettings, progress: RunProgress | None = N
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    serve(grid, ServerSettings.from_context(context))
+    serve(grid, ServerSettings.from_context(context), context)
