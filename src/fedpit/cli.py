@@ -126,6 +126,8 @@ def cmd_flower(args: argparse.Namespace) -> int:
         command = dep.superlink_command(args.port, Path(args.state_dir), args.host,
                                         Path(args.certs) if args.certs else None, args.auth)
     elif args.action == "supernode":
+        root = Path(args.root_certificates) if args.root_certificates else None
+        dep.check_superlink(args.superlink, root, must_answer=False)
         command = dep.supernode_command(args.superlink, args.port, Path(args.state_dir), client_id=args.client_id,
                                         data_file=args.data_file, partition_id=args.partition_id, host=args.host,
                                         root_certificates=Path(args.root_certificates) if args.root_certificates
@@ -135,6 +137,7 @@ def cmd_flower(args: argparse.Namespace) -> int:
         return 0
     else:
         root = Path(args.root_certificates).resolve() if args.root_certificates else None
+        dep.check_superlink(args.superlink, root)
         dep.write_connection(home, args.superlink, root)
         if args.action == "register":
             command = [dep._tool("flwr"), "supernode", "register", args.key, dep.CONNECTION]
@@ -153,8 +156,11 @@ def cmd_flower(args: argparse.Namespace) -> int:
             print(f"run {status['status']}: {args.run_dir}")
             return 0 if status["status"] == "complete" else 1
     print(" ".join(command), file=sys.stderr)
-    if args.action in ("superlink", "supernode"):
-        return dep.run_foreground(command, env)  # SIGTERM / Ctrl-C reach every Flower process it starts
+    if args.action == "supernode":  # SIGTERM / Ctrl-C reach every Flower process it starts
+        return dep.run_foreground(command, env, diagnose=dep.diagnose_supernode(
+            Path(args.auth_key) if args.auth_key else None))
+    if args.action == "superlink":
+        return dep.run_foreground(command, env)
     return subprocess.run(command, env=env, check=False).returncode
 
 

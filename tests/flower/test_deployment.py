@@ -224,3 +224,184 @@ def test_sigterm_to_the_superlink_helper_stops_every_flower_process(tmp_path):
         for pid in spawned | _descendants(helper.pid):  # only what this test started, by PID
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+# ------------------------------------------------------------------ TLS, node authentication, SecAgg+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+
+
+def _fedpit_cli() -> str:
+    import sys
+
+    return str(Path(sys.executable).parent / "fedpit")
+
+
+def _certs(folder: Path, *nodes: str) -> Path:
+    subprocess.run(["bash", str(SCRIPTS / "make-certs.sh"), str(folder), "localhost", "127.0.0.1",
+                    *(["--nodes", *nodes] if nodes else [])], check=True, capture_output=True)
+    return folder
+
+
+def _cli(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+    """A `fedpit ...` helper in its own process group; one that outlives `timeout` is killed (its
+    group, by the PID we started) and reported as rc None."""
+    import signal
+
+    process = subprocess.Popen([_fedpit_cli(), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
+    try:
+        out, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        out, _ = process.communicate()
+        return subprocess.CompletedProcess(process.args, None, out)
+    return subprocess.CompletedProcess(process.args, process.returncode, out)
+
+
+@pytest.fixture
+def tls_link(tmp_path, started):
+    """A SuperLink with TLS and SuperNode authentication, certificates from scripts/make-certs.sh."""
+    certs = _certs(tmp_path / "certs", "clinic-0", "clinic-1", "stranger")
+    home = tmp_path / "flwr-home"
+    env = dep.flower_env(home)
+    port = _free_port()
+    started.append(dep.start("superlink", dep.superlink_command(port, tmp_path / "link", certs=certs, auth=True),
+                             env, tmp_path / "logs"))
+    _wait_for_port(port)
+    return {"certs": certs, "address": f"127.0.0.1:{port}", "env": env, "home": home}
+
+
+def _register(link: dict, key: str) -> None:
+    done = _cli(["flower", "--flwr-home", str(link["home"]), "register", str(link["certs"] / f"{key}.pub"),
+                 "--superlink", link["address"], "--root-certificates", str(link["certs"] / "ca.crt")], link["env"])
+    assert done.returncode == 0, done.stdout
+
+
+def test_a_tls_superlink_refuses_what_it_must_with_a_clear_message(tmp_path, tls_link):
+    link, home = tls_link, str(tls_link["home"])
+    _register(link, "clinic-0")
+    node = ["flower", "--flwr-home", home, "supernode", "--superlink", link["address"], "--port", str(_free_port()),
+            "--state-dir", str(tmp_path / "node"), "--partition-id", "0"]
+    ca = str(link["certs"] / "ca.crt")
+
+    unregistered = _cli([*node, "--root-certificates", ca, "--auth-key", str(link["certs"] / "stranger")], link["env"])
+    assert unregistered.returncode not in (0, None), unregistered.stdout
+    assert "public key of" in unregistered.stdout and "is not registered" in unregistered.stdout
+
+    other_ca = _certs(tmp_path / "other")
+    wrong_ca = _cli([*node, "--root-certificates", str(other_ca / "ca.crt"),
+                     "--auth-key", str(link["certs"] / "clinic-0")], link["env"], timeout=60)
+    assert wrong_ca.returncode not in (0, None) and "is not signed by the CA" in wrong_ca.stdout, wrong_ca.stdout
+
+    plaintext = _cli(node, link["env"], timeout=60)  # Flower alone would retry this forever
+    assert plaintext.returncode not in (0, None) and "uses TLS" in plaintext.stdout, plaintext.stdout
+
+    submit = _cli(["flower", "--flwr-home", home, "submit", "configs/demo.toml", "--superlink", link["address"],
+                   "--run-dir", str(tmp_path / "run")], link["env"], timeout=60)
+    assert submit.returncode not in (0, None) and "uses TLS" in submit.stdout, submit.stdout
+    assert not (tmp_path / "run").exists(), "nothing was submitted"
+
+
+def test_fedpit_over_tls_with_node_authentication_and_secure_aggregation(
+    tmp_path, tiny_overrides, tls_link, started, write_instruction_file
+):
+    """The README's deployment steps: certificates from the script, a SuperLink with TLS and auth, the
+    nodes' keys registered, two SuperNodes with their own data files started by `fedpit flower
+    supernode`, FedPIT submitted with the CA and secure aggregation, two rounds, the run complete."""
+    link = tls_link
+    config = config_mod.load(None, [*tiny_overrides, "data.partition.num_clients=2", "federation.rounds=2",
+                                    "federation.reply_timeout=300", "flower.secure_aggregation=true"])
+    config_file = tmp_path / "experiment.toml"
+    config_file.write_text(config_mod.dumps(config))
+    ca = str(link["certs"] / "ca.crt")
+    for i, data_file in enumerate(_client_files(tmp_path, write_instruction_file)):
+        _register(link, f"clinic-{i}")
+        command = [_fedpit_cli(), "flower", "--flwr-home", str(tmp_path / f"home-{i}"), "supernode",
+                   "--superlink", link["address"], "--port", str(_free_port()), "--state-dir",
+                   str(tmp_path / f"node-{i}"), "--client-id", f"clinic-{i}", "--data-file", str(data_file),
+                   "--root-certificates", ca, "--auth-key", str(link["certs"] / f"clinic-{i}")]
+        started.append(dep.start(f"supernode-{i}", command, link["env"], tmp_path / "logs"))
+    run_dir = tmp_path / "run"
+    submit = _cli(["flower", "--flwr-home", str(link["home"]), "submit", str(config_file), "--superlink",
+                   link["address"], "--root-certificates", ca, "--run-dir", str(run_dir), "--clients", "2"],
+                  link["env"], timeout=900)
+    if submit.returncode != 0:
+        print({p.name: p.log.read_text()[-3000:] for p in started})
+    assert submit.returncode == 0, submit.stdout[-3000:]
+    assert "run complete" in submit.stdout
+    rounds = [r for r in RunDir(run_dir).metrics() if r["kind"] == "round"]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert all(r["secure_aggregation"]["contributors"] == 2 and sorted(r["clients"]) == ["clinic-0", "clinic-1"]
+               for r in rounds)
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_secure_round_survives_a_client_killed_mid_round(tmp_path, tiny_overrides, started,
+                                                           write_instruction_file):
+    """Three SuperNodes under SecAgg+ (three shares, two rebuild a secret); clinic-2's ClientApp is
+    SIGKILLed after training, before its masked upload leaves. The round completes, and its global
+    adapter is the weighted mean of the two others' uploads (recomputed here), within the bound."""
+    from fedpit.data.federation import load_client_file
+    from fedpit.engines.training import learning_rate_for_round
+    from fedpit.methods import build_method
+    from fedpit.model import load_model
+    from fedpit.prompts import make_format
+    from fedpit.runtimes.client import ClientRunner
+    from fedpit.seeding import derive_seed
+
+    config = config_mod.load(None, [*tiny_overrides, "data.partition.num_clients=3", "federation.rounds=1",
+                                    "method.name='fedavg'", "federation.reply_timeout=90",
+                                    "federation.min_replies=2", "flower.secure_aggregation=true"])
+    config_file = tmp_path / "experiment.toml"
+    config_file.write_text(config_mod.dumps(config))
+    everything = write_instruction_file(tmp_path / "all.jsonl", 36).read_text().splitlines()
+    files = []
+    for i, share in enumerate((everything[:8], everything[8:18], everything[18:])):  # 8, 10, 18 examples
+        files.append(tmp_path / f"clinic-{i}.jsonl")
+        files[-1].write_text("\n".join(share))
+    home = tmp_path / "flwr-home"
+    env = dep.flower_env(home)
+    port = _free_port()
+    started.append(dep.start("superlink", dep.superlink_command(port, tmp_path / "link"), env, tmp_path / "logs"))
+    _wait_for_port(port)
+    for i, data_file in enumerate(files):
+        command = dep.supernode_command(f"127.0.0.1:{port}", _free_port(), tmp_path / f"node-{i}",
+                                        client_id=f"clinic-{i}", data_file=str(data_file))
+        node_env = {**env, "FEDPIT_FAILPOINT": "after_client_update"} if i == 2 else env
+        started.append(dep.start(f"supernode-{i}", command, node_env, tmp_path / "logs"))
+    dep.write_connection(home, f"127.0.0.1:{port}")
+    run_dir = tmp_path / "run"
+    subprocess.run(dep.submit_command(dep.write_app(tmp_path / "app"), config_file, run_dir, clients=3, stream=False),
+                   env=env, capture_output=True, text=True, timeout=120, check=True)
+    status = dep.wait_for_run(run_dir, timeout=600)
+    assert status["status"] == "complete", status
+    record = next(r for r in RunDir(run_dir).metrics() if r["kind"] == "round")
+    assert sorted(record["clients"]) == ["clinic-0", "clinic-1"] and "clinic-2" in record["dropped"]
+    assert record["secure_aggregation"]["contributors"] == 2
+
+    # the two survivors' uploads, recomputed in this process from the same inputs
+    handle = load_model(config.model, config.lora, seed=config.seed)
+    method, fmt = build_method(config), make_format(config.prompt.template, handle.tokenizer)
+    initial = handle.fresh_adapter(derive_seed(config.seed, "lora-init"))
+    lr = learning_rate_for_round(config.train.learning_rate, config.train.min_learning_rate, config.train.schedule,
+                                 1, 1)
+    uploads = []
+    for i, data_file in enumerate(files):
+        examples = load_client_file(config, handle.tokenizer, str(data_file), f"clinic-{i}")
+        runner = ClientRunner(config, method, handle, fmt, tmp_path / "recomputed")
+        uploads.append(runner.run_round(f"clinic-{i}", examples, 1, initial, lr, {}).upload)
+
+    def mean(chosen):
+        total = sum(u.num_examples for u in chosen)
+        return {k: sum(u.tensors[k].double() * u.num_examples for u in chosen) / total for k in initial}
+
+    got = RunDir(run_dir).load_checkpoint(1)
+    survivors, everyone = mean(uploads[:2]), mean(uploads)
+    assert got.keys() == survivors.keys()
+
+    def distance(a):
+        return max(float((got[k].double() - a[k]).abs().max()) for k in a)
+
+    tolerance = record["secure_aggregation"]["error_bound"] + 1e-5  # + fp32 across processes
+    assert distance(survivors) <= tolerance
+    assert distance(everyone) > 10 * tolerance, "the dropped client's upload is not in the mean"

@@ -20,9 +20,13 @@ import json
 import os
 import shutil
 import signal
+import socket
+import ssl
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,9 +84,90 @@ def _tool(name: str) -> str:
     return str(path)
 
 
+CERT_FILES = ("ca.crt", "server.pem", "server.key")
+
+
+def _split_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise FedpitError(f"'{address}' is not HOST:PORT (e.g. link.example.org:9091)")
+    return host.strip("[]"), int(port)
+
+
+def check_superlink(address: str, root_certificates: Path | None, timeout: float = 10.0,
+                    must_answer: bool = True) -> None:
+    """Say, before Flower starts and in words, why a connection to the SuperLink cannot work: nothing
+    listens; it speaks TLS and we were given no CA (or the reverse); its certificate is not signed by
+    the CA we were given, or does not name the host we dial. Flower itself retries a plaintext
+    connection to a TLS port forever and reports a wrong CA as a numbered exit code. A SuperNode may
+    start before its SuperLink (`must_answer=False`): then only a warning, and Flower retries."""
+    host, port = _split_address(address)
+    try:
+        raw = socket.create_connection((host, port), timeout=timeout)
+    except OSError as exc:
+        message = f"nothing answers at {address} ({exc.strerror or exc}): start the SuperLink, or check --superlink"
+        if must_answer:
+            raise FedpitError(f"{message} and the firewall") from None
+        print(f"fedpit: {message}; the SuperNode keeps retrying", file=sys.stderr)
+        return
+    probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    probe.check_hostname, probe.verify_mode = False, ssl.CERT_NONE
+    probe.set_alpn_protocols(["h2"])
+    try:
+        with probe.wrap_socket(raw, server_hostname=host):
+            speaks_tls = True
+    except (ssl.SSLError, OSError):
+        speaks_tls = False
+    finally:
+        raw.close()
+    if speaks_tls and root_certificates is None:
+        raise FedpitError(f"the SuperLink at {address} uses TLS, and this side has no CA to check it with: pass "
+                          f"--root-certificates CA.crt (the federation's ca.crt from scripts/make-certs.sh)")
+    if not speaks_tls and root_certificates is not None:
+        raise FedpitError(f"the SuperLink at {address} does not speak TLS: start it with --certs DIR, or (loopback "
+                          f"tests only) connect without --root-certificates")
+    if root_certificates is None:
+        return
+    if not Path(root_certificates).is_file():
+        raise FedpitError(f"--root-certificates '{root_certificates}' is not a file; pass the federation's ca.crt")
+    verify = ssl.create_default_context(cafile=str(root_certificates))
+    verify.set_alpn_protocols(["h2"])
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw, \
+                verify.wrap_socket(raw, server_hostname=host):
+            return
+    except ssl.SSLCertVerificationError as exc:
+        if "match" in str(exc.verify_message or exc).lower() or "hostname" in str(exc).lower():
+            raise FedpitError(f"the SuperLink's certificate does not name '{host}': dial it by a name or IP the "
+                              f"certificate lists, or remake it with `scripts/make-certs.sh DIR {host}`") from None
+        raise FedpitError(f"the SuperLink's certificate is not signed by the CA in '{root_certificates}' "
+                          f"({exc.verify_message}): pass the ca.crt the SuperLink's server.pem was made with") from None
+
+
+def diagnose_supernode(auth_key: Path | None) -> Callable[[str], str | None]:
+    """Reads a SuperNode's log lines; names the cause of a refused activation (TLS was checked before
+    start, so a refusal is the key)."""
+
+    def watch(line: str) -> str | None:
+        if "Failed to activate SuperNode" not in line:
+            return None
+        if auth_key is None:
+            return ("the SuperLink refused this SuperNode: it admits only registered SuperNodes (--auth); start this "
+                    "one with --auth-key KEY and register KEY.pub on the server with `fedpit flower register KEY.pub`")
+        return (f"the SuperLink refused this SuperNode: the public key of '{auth_key}' is not registered; on the "
+                f"server run `fedpit flower register {auth_key}.pub --superlink ... --root-certificates CA.crt`")
+
+    return watch
+
+
 def superlink_command(port: int, state_dir: Path, host: str = "127.0.0.1", certs: Path | None = None,
                       auth: bool = False) -> list[str]:
     state_dir = Path(state_dir).resolve()
+    if certs is not None:
+        missing = [name for name in CERT_FILES if not (Path(certs) / name).is_file()]
+        if missing:
+            raise FedpitError(f"--certs '{certs}' lacks {', '.join(missing)}; make them with "
+                              f"`scripts/make-certs.sh {certs} HOST`")
     private_dir(state_dir)
     command = [_tool("flower-superlink"), "--host", host, "--port", str(port),
                "--database", str(state_dir / "superlink.db"), "--disable-runtime-dependency-installation"]
@@ -111,8 +196,15 @@ def supernode_command(superlink: str, port: int, state_dir: Path, *, client_id: 
                "--node-config", node_config]
     if root_certificates is None:
         return [*command, "--insecure"]
+    if not Path(root_certificates).is_file():
+        raise FedpitError(f"--root-certificates '{root_certificates}' is not a file; pass the federation's ca.crt")
     command += ["--root-certificates", str(root_certificates)]
-    return [*command, "--auth-supernode-private-key", str(auth_key)] if auth_key else command
+    if auth_key is None:
+        return command
+    if not Path(auth_key).is_file():
+        raise FedpitError(f"--auth-key '{auth_key}' is not a file; make keys with "
+                          f"`scripts/make-certs.sh DIR --nodes NAME` and pass the private one (not .pub)")
+    return [*command, "--auth-supernode-private-key", str(auth_key)]
 
 
 def write_app(folder: Path) -> Path:
@@ -152,12 +244,23 @@ def submit_command(app_dir: Path, config: Path, run_dir: Path, clients: int, res
     return [*command, "--stream"] if stream else command
 
 
-def run_foreground(command: list[str], env: dict[str, str], grace: float = 15.0) -> int:
+def run_foreground(command: list[str], env: dict[str, str], grace: float = 15.0,
+                   diagnose: Callable[[str], str | None] | None = None) -> int:
     """Run a Flower process in the foreground as the leader of its own process group, and pass SIGTERM
     (what a service manager sends) and SIGINT (Ctrl-C) on to that whole group: flower-superlink and
     flower-supernode start flower-superexec processes that would otherwise outlive a stopped helper.
-    Waits for the group to end; what is still there `grace` seconds after the leader ended is killed."""
-    process = subprocess.Popen(command, env=env, start_new_session=True)
+    Waits for the group to end; what is still there `grace` seconds after the leader ended is killed.
+    With `diagnose`, the output passes through it line by line, and the cause it names is printed
+    when the process fails."""
+    if diagnose is None:
+        process = subprocess.Popen(command, env=env, start_new_session=True)
+        causes: list[str] = []
+    else:
+        process = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, bufsize=1)
+        causes = []
+        reader = threading.Thread(target=_relay, args=(process, diagnose, causes), daemon=True)
+        reader.start()
 
     def signal_group(signum: int, _frame=None) -> None:
         try:
@@ -177,7 +280,18 @@ def run_foreground(command: list[str], env: dict[str, str], grace: float = 15.0)
             time.sleep(0.2)
         if _group_alive(process.pid):
             signal_group(signal.SIGKILL)
+    if code != 0 and causes:
+        print(f"fedpit: {causes[-1]}", file=sys.stderr)
     return code
+
+
+def _relay(process: subprocess.Popen, diagnose: Callable[[str], str | None], causes: list[str]) -> None:
+    for line in process.stdout:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        cause = diagnose(line)
+        if cause:
+            causes.append(cause)
 
 
 def _group_alive(pgid: int) -> bool:
