@@ -7,7 +7,7 @@ export FEDPIT_DATA_DIR ?= $(abspath ../shared/data)
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo federation-demo test test-slow test-fast lint bench clean
 
 setup: $(STAMP)
 
@@ -21,11 +21,17 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/fedpit run configs/demo.toml --out runs/demo-$$(date +%Y%m%d-%H%M%S)
 
+federation-demo: setup
+	scripts/federation-demo.sh
+
 test: setup
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -m "not slow"
+
+test-slow: setup
+	$(BIN)/pytest -q -m slow
 
 test-fast: setup
-	$(BIN)/pytest -q -m "not smollm2"
+	$(BIN)/pytest -q -m "not smollm2 and not slow"
 
 lint: setup
 	$(BIN)/ruff check src tests

@@ -197,7 +197,29 @@ def cmd_data(args: argparse.Namespace) -> int:
     federation = build_federation(config, tokenizer)
     for key, value in federation.summary().items():
         print(f"{key}: {value}")
+    if args.export:
+        for path in export_clients(federation.clients, Path(args.export), config.data):
+            print(f"wrote {path}")
     return 0
+
+
+def export_clients(clients: dict, folder: Path, data) -> list[Path]:
+    """Each client's examples as its own JSONL file (the fields `data.*_field` name), the file an
+    institution's SuperNode reads with --data-file. Refuses to overwrite: these are someone's data."""
+    import json
+
+    from fedpit.runs import atomic_write_text
+
+    targets = {client: folder / f"{client}.jsonl" for client in sorted(clients)}
+    existing = [str(p) for p in targets.values() if p.exists()]
+    if existing:
+        raise FedpitError(f"{', '.join(existing)} already exist; export into an empty folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    for client, path in targets.items():
+        lines = "".join(json.dumps({data.instruction_field: e.instruction, data.input_field: e.input,
+                                    data.output_field: e.output}) + "\n" for e in clients[client])
+        atomic_write_text(path, lines)
+    return list(targets.values())
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
@@ -500,6 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="build the federation of a config and print its summary")
     with_config(data)
+    data.add_argument("--export", metavar="DIR", help="also write each client's examples to DIR/<client>.jsonl "
+                      "(one institution's --data-file each)")
     data.set_defaults(func=cmd_data)
 
     compare = sub.add_parser("compare", help="run several methods on identical clients and seeds; comparison.md")

@@ -302,40 +302,84 @@ def test_a_tls_superlink_refuses_what_it_must_with_a_clear_message(tmp_path, tls
     assert not (tmp_path / "run").exists(), "nothing was submitted"
 
 
-def test_fedpit_over_tls_with_node_authentication_and_secure_aggregation(
-    tmp_path, tiny_overrides, tls_link, started, write_instruction_file
+def _demo(tmp_path: Path, config_file: Path, *extra: str) -> subprocess.Popen:
+    import sys
+
+    env = {**os.environ, "FEDPIT_BIN": str(Path(sys.executable).parent), "FEDPIT_DEMO_CONFIG": str(config_file),
+           "FEDPIT_DEMO_PORT": str(_free_port())}
+    return subprocess.Popen(["bash", str(SCRIPTS / "federation-demo.sh"), str(tmp_path / "demo"), *extra], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _watch(process: subprocess.Popen, timeout: float, until: str | None = None) -> tuple[str, set[int]]:
+    """The script's output (up to the line containing `until`, or its end) and every process it had
+    started meanwhile, sampled each line."""
+    import signal
+
+    lines, seen = [], set()
+    deadline = time.monotonic() + timeout
+    for line in process.stdout:
+        lines.append(line)
+        seen |= _descendants(process.pid)
+        if until and until in line:
+            break
+        if time.monotonic() > deadline:
+            os.killpg(process.pid, signal.SIGKILL)
+            break
+    return "".join(lines), seen
+
+
+def _left_running(pids: set[int]) -> list[int]:
+    deadline = time.monotonic() + 60
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return [p for p in pids if _alive(p)]
+
+
+@pytest.mark.slow
+def test_the_federation_walkthrough_runs_three_institutions_with_tls_auth_and_secure_aggregation(
+    tmp_path, tiny_overrides
 ):
-    """The README's deployment steps: certificates from the script, a SuperLink with TLS and auth, the
-    nodes' keys registered, two SuperNodes with their own data files started by `fedpit flower
-    supernode`, FedPIT submitted with the CA and secure aggregation, two rounds, the run complete."""
-    link = tls_link
-    config = config_mod.load(None, [*tiny_overrides, "data.partition.num_clients=2", "federation.rounds=2",
-                                    "federation.reply_timeout=300", "flower.secure_aggregation=true"])
+    """scripts/federation-demo.sh as the docs show it: certificates, a SuperLink with TLS and SuperNode
+    authentication, three registered SuperNodes with their own exported data files, FedPIT submitted
+    with the CA and SecAgg+, two rounds, the report printed, every process it started stopped."""
+    config = config_mod.load(None, [*tiny_overrides, "federation.rounds=2", "federation.reply_timeout=300",
+                                    "flower.secure_aggregation=true"])
     config_file = tmp_path / "experiment.toml"
     config_file.write_text(config_mod.dumps(config))
-    ca = str(link["certs"] / "ca.crt")
-    for i, data_file in enumerate(_client_files(tmp_path, write_instruction_file)):
-        _register(link, f"clinic-{i}")
-        command = [_fedpit_cli(), "flower", "--flwr-home", str(tmp_path / f"home-{i}"), "supernode",
-                   "--superlink", link["address"], "--port", str(_free_port()), "--state-dir",
-                   str(tmp_path / f"node-{i}"), "--client-id", f"clinic-{i}", "--data-file", str(data_file),
-                   "--root-certificates", ca, "--auth-key", str(link["certs"] / f"clinic-{i}")]
-        started.append(dep.start(f"supernode-{i}", command, link["env"], tmp_path / "logs"))
-    run_dir = tmp_path / "run"
-    submit = _cli(["flower", "--flwr-home", str(link["home"]), "submit", str(config_file), "--superlink",
-                   link["address"], "--root-certificates", ca, "--run-dir", str(run_dir), "--clients", "2"],
-                  link["env"], timeout=900)
-    if submit.returncode != 0:
-        print({p.name: p.log.read_text()[-3000:] for p in started})
-    assert submit.returncode == 0, submit.stdout[-3000:]
-    assert "run complete" in submit.stdout
+    process = _demo(tmp_path, config_file)
+    output, spawned = _watch(process, timeout=900)
+    assert process.wait(timeout=120) == 0, output[-4000:]
+    assert "run complete" in output and "stopped 4 processes" in output, output[-2000:]
+    run_dir = tmp_path / "demo" / "run"
     rounds = [r for r in RunDir(run_dir).metrics() if r["kind"] == "round"]
     assert [r["round"] for r in rounds] == [1, 2]
-    assert all(r["secure_aggregation"]["contributors"] == 2 and sorted(r["clients"]) == ["clinic-0", "clinic-1"]
-               for r in rounds)
-    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert all(r["secure_aggregation"]["contributors"] == 3 and len(r["clients"]) == 3 for r in rounds)
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file() and (run_dir / "report.md").is_file()
+    for file in (tmp_path / "demo" / "data").glob("*.jsonl"):  # each institution's state stayed on its side
+        assert list((tmp_path / "demo" / "nodes" / file.stem / "state").glob("round-*.json"))
+    assert len(spawned) > 8, spawned  # helpers, flower-superlink, flower-supernode, superexec ...
+    assert _left_running(spawned) == [], "the walkthrough left a process running"
 
 
+def test_the_walkthrough_stops_everything_it_started_on_ctrl_c(tmp_path, tiny_overrides):
+    import signal
+
+    config = config_mod.load(None, [*tiny_overrides, "flower.secure_aggregation=true"])
+    config_file = tmp_path / "experiment.toml"
+    config_file.write_text(config_mod.dumps(config))
+    process = _demo(tmp_path, config_file)
+    output, spawned = _watch(process, timeout=300, until="5. submit")
+    time.sleep(5)
+    spawned |= _descendants(process.pid)
+    os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C sends to the foreground process group
+    rest, _ = _watch(process, timeout=120)
+    assert process.wait(timeout=120) != 0
+    assert "stopped 4 processes" in rest, output + rest
+    assert len(spawned) > 8 and _left_running(spawned) == [], "Ctrl-C left a process running"
+
+
+@pytest.mark.slow
 def test_a_secure_round_survives_a_client_killed_mid_round(tmp_path, tiny_overrides, started,
                                                            write_instruction_file):
     """Three SuperNodes under SecAgg+ (three shares, two rebuild a secret); clinic-2's ClientApp is

@@ -147,9 +147,11 @@ class Server:
             round_num % every == 0 or round_num == self.config.federation.rounds)
 
     def complete_round(self, plan: RoundPlan, reports: list[ClientReport],
-                       dropped: dict[str, str] | None = None, secure: SecureAggregate | None = None) -> AdapterState:
+                       dropped: dict[str, str] | None = None, secure: SecureAggregate | None = None,
+                       wire: dict[str, int] | None = None) -> AdapterState:
         """Aggregate the uploads that arrived, record the round, evaluate, and commit it. With `secure`,
-        the reports carry no tensors and the method aggregates the one mean the transport computed."""
+        the reports carry no tensors and the method aggregates the one mean the transport computed.
+        `wire`: the transport's bytes of the round in each direction, kept with the round."""
         cfg = self.config
         dropped = dropped or {}
         uploads = [r.upload for r in reports]
@@ -182,6 +184,8 @@ class Server:
             round_record["dropped"] = dropped
         if client_dp:
             round_record["client_dp"] = client_dp
+        if wire:
+            round_record["wire"] = wire
         if secure is not None:
             round_record["secure_aggregation"] = {"contributors": secure.contributors, **secure.record}
         self.run.append_metrics(round_record)

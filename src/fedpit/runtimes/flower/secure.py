@@ -1,6 +1,6 @@
 """Secure aggregation over Flower: SecAgg+ (Bell et al., "Secure Single-Server Aggregation with
 (Poly)Logarithmic Complexity", CCS 2020), Flower's `SecAggPlusWorkflow` on the server and
-`secaggplus_mod` on each ClientApp.
+`secaggplus_mod` on each ClientApp (client_app.secure_mod).
 
 A round becomes four message exchanges (setup, share keys, collect masked vectors, unmask). Each
 client quantises its weighted upload w_k * W_a,k (w_k = its example count / the largest count in the
@@ -31,11 +31,8 @@ from collections import defaultdict
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message
-from flwr.app.message_type import MessageType
-from flwr.client.mod import secaggplus_mod
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common import FitIns, parameters_to_ndarrays
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.strategy import Strategy
@@ -64,13 +61,6 @@ def check_method(config: Config, method) -> None:
 
 
 # ---------------------------------------------------------------------------------------- client side
-def secure_mod(msg: Message, context: Context, call_next) -> Message:
-    """SecAgg+'s client half on the messages of a secure round only; every other message passes."""
-    if msg.metadata.message_type == MessageType.TRAIN and RECORD_KEY_CONFIGS in msg.content.config_records:
-        return secaggplus_mod(msg, context, call_next)
-    return call_next(msg, context)
-
-
 def secure_upload(upload: ClientUpload, global_adapter: AdapterState, config: Config) -> tuple[AdapterState, int]:
     """What this client feeds into the masked sum, and its weight. Refuses an upload the quantiser would
     clip (it would corrupt the mean silently) and one with extra tensors (they would travel unmasked)."""
@@ -145,8 +135,9 @@ class _OneRound(Strategy):
         return None
 
 
-class _CountingGrid:
-    """The grid, counting the bytes of every message per node in both directions."""
+class CountingGrid:
+    """The grid, counting the bytes of every message per node in both directions (the ServerApp counts
+    every round this way; a secure round also reads its own per-client figures off one)."""
 
     def __init__(self, grid) -> None:
         self.grid = grid
@@ -202,7 +193,7 @@ def secure_round(grid, context: Context, node_of: dict[str, int], examples: dict
         num_shares=_count(flower.secagg_shares), reconstruction_threshold=_count(flower.secagg_threshold),
         max_weight=max_weight, clipping_range=flower.secagg_clipping_range,
         quantization_range=flower.secagg_quantization_range, timeout=config.federation.reply_timeout or None)
-    counting = _CountingGrid(grid)
+    counting = CountingGrid(grid)
     workflow(counting, legacy)
     if not strategy.results:
         reason = ("secure aggregation halted: too few clients stayed to remove the masks "

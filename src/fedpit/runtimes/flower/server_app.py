@@ -32,7 +32,7 @@ from fedpit.methods import METHODS
 from fedpit.progress import RunProgress
 from fedpit.report import write_report
 from fedpit.runtimes.flower import codec
-from fedpit.runtimes.flower.secure import check_method, secure_round
+from fedpit.runtimes.flower.secure import CountingGrid, check_method, secure_round
 from fedpit.runtimes.local import open_run, prepare
 from fedpit.runtimes.server import ClientReport, RoundPlan, Server
 
@@ -175,14 +175,15 @@ def serve(grid: Grid, settings: ServerSettings, context: Context, progress: RunP
         server.start(client_ids)
         for round_num in server.rounds():
             plan = server.plan(round_num, client_ids)
+            counting = CountingGrid(grid)
             if config.flower.secure_aggregation:
                 directory.refresh()
-                reports, dropped, secure = secure_round(grid, context, directory.node_of, directory.examples, plan,
-                                                        config, config_toml)
-                server.complete_round(plan, reports, dropped, secure=secure)
+                reports, dropped, secure = secure_round(counting, context, directory.node_of, directory.examples,
+                                                        plan, config, config_toml)
             else:
-                reports, dropped = send_round(grid, directory, plan, config, config_toml)
-                server.complete_round(plan, reports, dropped)
+                (reports, dropped), secure = send_round(counting, directory, plan, config, config_toml), None
+            wire = {"down": sum(counting.sent.values()), "up": sum(counting.received.values())}
+            server.complete_round(plan, reports, dropped, secure=secure, wire=wire)
         server.finish()
     except BaseException as exc:
         run.write_status("failed", error=f"{type(exc).__name__}: {exc}")
