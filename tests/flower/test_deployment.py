@@ -169,6 +169,7 @@ def test_submit_sends_the_config_with_its_overrides(tmp_path, monkeypatch):
     sent = []
     monkeypatch.setattr(subprocess, "run", lambda command, **kw: sent.append(command))
     monkeypatch.setattr(deployment, "wait_for_run", lambda run_dir, timeout: {"status": "complete"})
+    monkeypatch.setattr(deployment, "check_superlink", lambda *args, **kwargs: None)  # no SuperLink here
     assert main(["flower", "--flwr-home", str(tmp_path / "home"), "submit", "configs/demo.toml", "--set",
                  "federation.rounds=2", "--set", "method.beta=0.25", "--superlink", "127.0.0.1:9", "--run-dir",
                  str(tmp_path / "run")]) == 0
