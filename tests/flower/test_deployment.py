@@ -324,17 +324,24 @@ def _watch(process: subprocess.Popen, timeout: float, until: str | None = None) 
         seen |= _descendants(process.pid)
         if until and until in line:
             break
-        if time.monotonic() > deadline:
-            os.killpg(process.pid, signal.SIGKILL)
+        if time.monotonic() > deadline:  # TERM, so the script's trap stops what it started
+            os.killpg(process.pid, signal.SIGTERM)
             break
     return "".join(lines), seen
 
 
 def _left_running(pids: set[int]) -> list[int]:
+    """What is still alive of `pids` after a minute; those are then killed (by PID), so a failing test
+    leaves nothing behind either."""
+    import signal
+
     deadline = time.monotonic() + 60
     while any(_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.5)
-    return [p for p in pids if _alive(p)]
+    left = [p for p in pids if _alive(p)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    return left
 
 
 @pytest.mark.slow
