@@ -357,7 +357,9 @@ def test_the_federation_walkthrough_runs_three_institutions_with_tls_auth_and_se
     config_file.write_text(config_mod.dumps(config))
     process = _demo(tmp_path, config_file)
     output, spawned = _watch(process, timeout=900)
-    assert process.wait(timeout=120) == 0, output[-4000:]
+    code = process.wait(timeout=120)
+    left = _left_running(spawned)  # first, so a failing assertion below leaves nothing running
+    assert code == 0, output[-4000:]
     assert "run complete" in output and "stopped 4 processes" in output, output[-2000:]
     run_dir = tmp_path / "demo" / "run"
     rounds = [r for r in RunDir(run_dir).metrics() if r["kind"] == "round"]
@@ -367,7 +369,7 @@ def test_the_federation_walkthrough_runs_three_institutions_with_tls_auth_and_se
     for file in (tmp_path / "demo" / "data").glob("*.jsonl"):  # each institution's state stayed on its side
         assert list((tmp_path / "demo" / "nodes" / file.stem / "state").glob("round-*.json"))
     assert len(spawned) > 8, spawned  # helpers, flower-superlink, flower-supernode, superexec ...
-    assert _left_running(spawned) == [], "the walkthrough left a process running"
+    assert left == [], "the walkthrough left a process running"
 
 
 def test_the_walkthrough_stops_everything_it_started_on_ctrl_c(tmp_path, tiny_overrides):
@@ -382,9 +384,11 @@ def test_the_walkthrough_stops_everything_it_started_on_ctrl_c(tmp_path, tiny_ov
     spawned |= _descendants(process.pid)
     os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C sends to the foreground process group
     rest, _ = _watch(process, timeout=120)
-    assert process.wait(timeout=120) != 0
+    code = process.wait(timeout=120)
+    left = _left_running(spawned)
+    assert code != 0
     assert "stopped 4 processes" in rest, output + rest
-    assert len(spawned) > 8 and _left_running(spawned) == [], "Ctrl-C left a process running"
+    assert len(spawned) > 8 and left == [], "Ctrl-C left a process running"
 
 
 @pytest.mark.slow
