@@ -17,6 +17,20 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("FEDPIT_DATA_DIR", str(REPO.parent / "shared" / "data"))
 
 
+PROCESS_THREADS = torch.get_num_threads()
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """`model.threads` sets torch's thread pool for the whole process. Without this, the first test (or
+    module fixture) that loaded a model with `model.threads=1` left every later test, the SmolLM2 ones
+    included, on one core. Restored to the process's own count, not the count at setup: a module-scoped
+    fixture sets it before any function-scoped one runs."""
+    yield
+    if torch.get_num_threads() != PROCESS_THREADS:
+        torch.set_num_threads(PROCESS_THREADS)
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     path = Path(os.environ["FEDPIT_DATA_DIR"])

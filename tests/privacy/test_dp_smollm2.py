@@ -13,7 +13,8 @@ from fedpit.evaluation.stats import paired_difference
 from fedpit.privacy.accounting import calibrate, epsilon
 from fedpit.runtimes.local import prepare
 
-pytestmark = pytest.mark.smollm2
+# 192 per-example backward passes on SmolLM2: minutes on 2 cores, so a whole run of its own (make test-slow)
+pytestmark = [pytest.mark.smollm2, pytest.mark.slow]
 
 
 def test_dp_sgd_at_epsilon_8_lowers_held_out_nll(data_dir):
