@@ -30,7 +30,7 @@ LLAMA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "smollm2-135m-instruct"
-    dtype: str = "bf16"
+    dtype: str = "auto"
     max_length: int = 512
     threads: int = 0
     trust_remote_code: bool = False
