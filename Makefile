@@ -25,7 +25,7 @@ federation-demo: setup
 	scripts/federation-demo.sh
 
 test: setup
-	$(BIN)/pytest -q -m "not slow"
+	$(BIN)/pytest -q -m "not slow" --durations=20
 
 test-slow: setup
 	$(BIN)/pytest -q -m slow
@@ -39,5 +39,9 @@ lint: setup
 clean:
 	rm -rf $(VENV) runs .pytest_cache
 
-bench: setup
+$(VENV)/.bench-installed: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	touch $@
+
+bench: setup $(VENV)/.bench-installed
 	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
