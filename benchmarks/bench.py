@@ -8,7 +8,8 @@ training (our loop vs a plain PyTorch + peft loop), round cost (FedPIT client ro
 round), memory (peak RSS of a 10-client run / a 2-client run), upload bytes as they travel (Flower codec,
 fp32 vs bf16 transport), parts (three pieces of a round against what they replaced: the LM head in
 a prefill, an adapter merge, the copy filter's ROUGE-L), and dp (a DP-SGD epoch against plain training,
-and its per-example gradients against Opacus's hooks).
+and its per-example gradients against Opacus's hooks), flower (Flower's simulation engine with 10 and
+100 clients, 10 per round, and SecAgg+ against the same run without it; see flower_bench.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from pathlib import Path
 
 import torch
 from baselines import count_tokens, opacus_per_sample_gradients, plain_peft_model, plain_training_loop, timed
+from flower_bench import bench_flower
+from flower_bench import table_rows as flower_rows
 
 from fedpit import config as config_mod
 from fedpit.engines.encoding import encode_pair, last_positions
@@ -136,6 +139,9 @@ def bench_generation(exp, repeats: int, num_prompts: int) -> dict:
         "generate_batched": run("hf", 32, merged=False),
         "generate_one_at_a_time": run("hf", 1, merged=False),
     }
+    llama, llama_missing = llama_cpp_variant(exp, prompts, stops)
+    if llama is not None:
+        variants["llama_cpp"] = llama
     run("fedpit", 8, merged=True)()  # warm-up: first calls pay for kernel selection
     rates: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(repeats):
@@ -150,12 +156,41 @@ def bench_generation(exp, repeats: int, num_prompts: int) -> dict:
             **batch, logits_to_keep=last_positions(batch["input_ids"].shape[1], 1, handle.device)))
     total, _ = timed(variants["fedpit"])
     base = statistics.median(rates["generate_one_at_a_time"])
-    return {
+    result = {
         "prompt_tokens_mean": prompt_tokens, "prompts": num_prompts,
         "tokens_per_s": {k: median_spread(v) for k, v in rates.items()},
         "speedup_vs_one_at_a_time": {k: statistics.median(v) / base for k, v in rates.items()},
         "prefill_seconds": prefill, "total_seconds": total, "prefill_share": prefill / total,
     }
+    if llama is None:
+        result["llama_cpp_missing"] = llama_missing
+    else:
+        result["speedup_vs_llama_cpp"] = statistics.median(rates["fedpit"]) / statistics.median(rates["llama_cpp"])
+    return result
+
+
+def llama_cpp_variant(exp, prompts: list[str], stops: tuple[str, ...]):
+    """The llama.cpp row (see llama_cpp_row.py), or None and why it cannot run here."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError as exc:
+        return None, f"llama-cpp-python is not installed ({exc}); `make bench` installs the bench extra"
+    from llama_cpp_row import LlamaCppBatched, bf16_gguf
+
+    from fedpit.engines.generation import stop_enders
+    from fedpit.model import EMBEDDED_MODELS, cache_root, embedded_gguf
+
+    name = exp.config.model.name
+    if name not in EMBEDDED_MODELS:
+        return None, f"the llama.cpp row runs on the embedded model only, not {name!r}"
+    source = embedded_gguf(name)
+    gguf_path = bf16_gguf(source, cache_root(exp.config.model.cache_dir) / "models" / f"{source.stem}.bf16.gguf")
+    tokenizer = exp.handle.tokenizer
+    longest = max(len(tokenizer(p)["input_ids"]) for p in prompts)
+    engine = LlamaCppBatched(gguf_path, tokenizer, max_sequences=32, max_tokens_per_sequence=longest + 136,
+                             threads=torch.get_num_threads())
+    enders = stop_enders(tokenizer, stops)
+    return (lambda: engine.generate(prompts, 128, stops, 1.2, enders)), None
 
 
 def bench_training(exp, repeats: int, dtype_name: str) -> dict:
@@ -301,7 +336,7 @@ def peak_rss_of_run(clients: int) -> float:
     return int(line.split()[1]) / 1024
 
 
-SECTIONS = ("generation", "training", "round", "evaluation", "memory", "parts", "dp")
+SECTIONS = ("generation", "training", "round", "evaluation", "memory", "parts", "dp", "flower")
 
 
 def main() -> None:
@@ -337,6 +372,7 @@ def main() -> None:
         "memory": memory,
         "parts": lambda: bench_parts(exp, repeats),
         "dp": lambda: bench_dp(exp, repeats),
+        "flower": lambda: bench_flower(repeats=1 if args.quick else 2),
     }
     for name in SECTIONS:  # each section is printed and saved as soon as it is measured
         if name not in only:
@@ -366,6 +402,13 @@ def print_table(r: dict) -> None:
                                     ("generate_batched", "generate, batches of 32", "reference")):
             table.add_row(f"generation new tokens/s ({label})", f"{gen[name]['median']:.1f}", base,
                           f"{g['speedup_vs_one_at_a_time'][name]:.2f}x", target)
+        if "llama_cpp" in gen:
+            table.add_row("generation new tokens/s (llama.cpp, BF16 GGUF, 32 sequences)",
+                          f"{gen['llama_cpp']['median']:.1f}", base,
+                          f"{g['speedup_vs_one_at_a_time']['llama_cpp']:.2f}x", "anchor")
+            table.add_row("generation: ours / llama.cpp", f"{g['speedup_vs_llama_cpp']:.2f}x", "", "", ">= 1.4x")
+        else:
+            table.add_row("generation llama.cpp row", "missing", g.get("llama_cpp_missing", ""), "", "")
         table.add_row("generation prefill share", f"{g['prefill_share']:.1%}", "", "", "")
     for dtype, res in r.get("training", {}).items():
         if dtype == "measured":
@@ -405,6 +448,8 @@ def print_table(r: dict) -> None:
         table.add_row("DP-SGD per-example gradients vs Opacus hooks", f"{rate['fedpit_dp_sgd']['median']:.0f}",
                       f"{rate['opacus_per_sample_hooks']['median']:.0f} Opacus GradSampleHooks",
                       f"{d['dp_vs_opacus']:.2f}x", "")
+    for row in flower_rows(r["flower"]) if "flower" in r else []:
+        table.add_row(*row)
     Console().print(table)
     if "round" in r:
         for name in ("fedpit", "fedavg"):

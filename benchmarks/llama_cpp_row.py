@@ -1,0 +1,147 @@
+"""The llama.cpp row of the generation benchmark: the same model, prompts, stop rules and new-token
+budget through llama.cpp (llama-cpp-python's bindings), with parallel sequences and the same threads.
+
+The model: the embedded GGUF is Q4_1, which is not what fedpit runs (transformers dequantises it to
+bf16/fp32 when it loads it). `bf16_gguf` writes the same weights, dequantised, as a BF16 GGUF with the
+original's metadata and tokenizer, so both engines compute with the same numbers in the same dtype.
+The adapter the bench attaches is freshly initialised (B = 0), so the base weights are the model.
+
+The decode loop is llama.cpp's batched API (one `llama_decode` per step over every unfinished
+sequence, each sequence its own KV cells), driven from Python as fedpit's loop is: prompts are
+tokenised by the same Hugging Face tokenizer, the repetition penalty is transformers' rule (every
+token of prompt and output, logits divided or multiplied by the penalty), and a row ends at EOS, a
+stop string or the budget. That per-step Python costs llama.cpp a little; it is the same work
+fedpit's loop does.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import numpy as np
+
+
+def bf16_gguf(source: Path, target: Path) -> Path:
+    """`source` (any GGUF gguf-py can dequantise) rewritten with 2-D tensors as BF16 and the rest F32."""
+    import gguf
+
+    if target.is_file():
+        return target
+    reader = gguf.GGUFReader(source)
+    arch = reader.fields["general.architecture"].contents()
+    writer = gguf.GGUFWriter(str(target) + ".part", arch)
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        if name == "general.file_type":
+            writer.add_uint32(name, gguf.LlamaFileType.MOSTLY_BF16)
+            continue
+        kind = field.types[0]
+        sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(name, field.contents(), kind, sub_type=sub)
+    for tensor in reader.tensors:
+        weights = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+        if weights.ndim >= 2:
+            writer.add_tensor(tensor.name, gguf.quants.quantize(weights, gguf.GGMLQuantizationType.BF16),
+                              raw_dtype=gguf.GGMLQuantizationType.BF16)
+        else:
+            writer.add_tensor(tensor.name, weights)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    Path(str(target) + ".part").rename(target)
+    return target
+
+
+class LlamaCppBatched:
+    """Greedy batched generation with llama.cpp: every prompt its own sequence, decoded together."""
+
+    def __init__(self, gguf_path: Path, tokenizer, max_sequences: int, max_tokens_per_sequence: int,
+                 threads: int) -> None:
+        import llama_cpp as lc
+
+        self.lc, self.tokenizer = lc, tokenizer
+        lc.llama_backend_init()
+        model_params = lc.llama_model_default_params()
+        self.model = lc.llama_model_load_from_file(str(gguf_path).encode(), model_params)
+        if not self.model:
+            raise RuntimeError(f"llama.cpp could not load {gguf_path}")
+        params = lc.llama_context_default_params()
+        params.n_ctx = max_sequences * max_tokens_per_sequence
+        params.n_batch = params.n_ubatch = 512
+        params.n_seq_max = max_sequences
+        params.n_threads = params.n_threads_batch = threads
+        self.ctx = lc.llama_init_from_model(self.model, params)
+        if not self.ctx:
+            raise RuntimeError("llama.cpp could not create a context")
+        self.n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(self.model))
+        self.batch = lc.llama_batch_init(512, 0, 1)
+        self.max_sequences = max_sequences
+
+    def close(self) -> None:
+        self.lc.llama_batch_free(self.batch)
+        self.lc.llama_free(self.ctx)
+        self.lc.llama_model_free(self.model)
+
+    def _decode(self, entries: list[tuple[int, int, int, bool]]) -> dict[int, int]:
+        """Feed (token, position, sequence, wants_logits) entries in chunks of the batch size; the
+        batch index of each sequence's logits in the last chunk that asked for them."""
+        rows: dict[int, int] = {}
+        for start in range(0, len(entries), 512):
+            chunk = entries[start:start + 512]
+            b = self.batch
+            for i, (token, pos, seq, logits) in enumerate(chunk):
+                b.token[i], b.pos[i], b.n_seq_id[i] = token, pos, 1
+                b.seq_id[i][0] = seq
+                b.logits[i] = logits
+            b.n_tokens = len(chunk)
+            if self.lc.llama_decode(self.ctx, b) != 0:
+                raise RuntimeError("llama_decode failed (the KV cache may be too small)")
+            rows.update({seq: i for i, (_, _, seq, logits) in enumerate(chunk) if logits})
+        return rows
+
+    def _logits(self, index: int) -> np.ndarray:
+        pointer = self.lc.llama_get_logits_ith(self.ctx, index)
+        return np.ctypeslib.as_array(ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)), shape=(self.n_vocab,))
+
+    def generate(self, prompts: list[str], max_new_tokens: int, stop_strings: tuple[str, ...],
+                 repetition_penalty: float, stop_enders: frozenset[int]) -> list[str]:
+        from fedpit.engines.generation import cut_at_stop
+
+        tok = self.tokenizer
+        eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+        outputs: list[str] = []
+        for first in range(0, len(prompts), self.max_sequences):
+            group = prompts[first:first + self.max_sequences]
+            self.lc.llama_memory_clear(self.lc.llama_get_memory(self.ctx), True)
+            ids = [tok(p)["input_ids"] for p in group]
+            entries = [(t, pos, seq, pos == len(row) - 1) for seq, row in enumerate(ids) for pos, t in enumerate(row)]
+            rows = self._decode(entries)
+            seen = [set(row) for row in ids]
+            new: list[list[int]] = [[] for _ in group]
+            active = list(range(len(group)))
+            while active:
+                step = []
+                for seq in active:
+                    logits = self._logits(rows[seq]).copy()
+                    if repetition_penalty != 1.0:
+                        index = np.fromiter(seen[seq], dtype=np.int64)
+                        picked = logits[index]
+                        logits[index] = np.where(picked > 0, picked / repetition_penalty, picked * repetition_penalty)
+                    token = int(logits.argmax())
+                    new[seq].append(token)
+                    seen[seq].add(token)
+                    done = token in eos or len(new[seq]) >= max_new_tokens or (
+                        token in stop_enders
+                        and cut_at_stop(tok.decode(new[seq], skip_special_tokens=True), stop_strings)
+                        != tok.decode(new[seq], skip_special_tokens=True))
+                    if not done:
+                        step.append(seq)
+                active = step
+                if active:
+                    rows = self._decode([(new[s][-1], len(ids[s]) + len(new[s]) - 1, s, True) for s in active])
+            outputs += [cut_at_stop(tok.decode([t for t in row if t not in eos], skip_special_tokens=True),
+                                    stop_strings) for row in new]
+        return outputs
