@@ -19,7 +19,6 @@ counted once) of the run's whole process tree: the driver, Ray's raylet and GCS,
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES_PER_CLIENT = 5
@@ -43,33 +44,16 @@ def run_overrides(clients: int, rounds: int, secure: bool) -> list[str]:
     ]
 
 
-def _children() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                parent = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        tree.setdefault(parent, []).append(int(entry))
-    return tree
-
-
-def tree_pss_mib(root: int) -> tuple[float, int]:
+def tree_pss_mib(root: psutil.Process) -> tuple[float, int]:
     """Summed PSS (MiB) of `root` and all its descendants, and how many processes that is."""
-    tree, todo, total, count = _children(), [root], 0, 0
-    while todo:
-        pid = todo.pop()
-        todo += tree.get(pid, [])
+    total, count = 0, 0
+    for proc in [root, *root.children(recursive=True)]:
         try:
-            with open(f"/proc/{pid}/smaps_rollup") as f:
-                total += next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+            total += proc.memory_full_info().pss
             count += 1
-        except (OSError, StopIteration):
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-    return total / 1024, count
+    return total / 2**20, count
 
 
 def run_flower_sim(clients: int, rounds: int, secure: bool) -> dict:
@@ -82,18 +66,34 @@ def run_flower_sim(clients: int, rounds: int, secure: bool) -> dict:
     started = time.perf_counter()
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak = {"mib": 0.0, "processes": 0}
+    root = psutil.Process(proc.pid)
 
     def sample() -> None:
         while proc.poll() is None:
-            mib, count = tree_pss_mib(proc.pid)
+            try:
+                mib, count = tree_pss_mib(root)
+            except psutil.NoSuchProcess:
+                return
             if mib > peak["mib"]:
                 peak.update(mib=mib, processes=count)
             time.sleep(0.5)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    log, _ = proc.communicate()
-    sampler.join()
+    try:
+        log, _ = proc.communicate()
+    finally:  # an interrupted bench stops, by PID, the run it started and every process under it (Ray's too)
+        if proc.poll() is None:
+            tree = [root, *root.children(recursive=True)]
+            for member in tree:
+                try:
+                    member.terminate()
+                except psutil.NoSuchProcess:
+                    continue
+            _, alive = psutil.wait_procs(tree, timeout=30)
+            for member in alive:
+                member.kill()
+        sampler.join()
     if proc.returncode != 0:
         raise RuntimeError(f"the {clients}-client flower-sim run failed (exit {proc.returncode}):\n{log[-3000:]}")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]

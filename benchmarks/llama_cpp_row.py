@@ -2,8 +2,9 @@
 budget through llama.cpp (llama-cpp-python's bindings), with parallel sequences and the same threads.
 
 The model: the embedded GGUF is Q4_1, which is not what fedpit runs (transformers dequantises it to
-bf16/fp32 when it loads it). `bf16_gguf` writes the same weights, dequantised, as a BF16 GGUF with the
-original's metadata and tokenizer, so both engines compute with the same numbers in the same dtype.
+bf16/fp32 when it loads it). `dense_gguf` has llama.cpp rewrite the same weights, dequantised, in the
+dtype fedpit's handle runs (BF16 where the CPU computes bf16, F32 elsewhere), so both engines compute
+with the same numbers in the same dtype.
 The adapter the bench attaches is freshly initialised (B = 0), so the base weights are the model.
 
 The decode loop is llama.cpp's batched API (one `llama_decode` per step over every unfinished
@@ -22,36 +23,20 @@ from pathlib import Path
 import numpy as np
 
 
-def bf16_gguf(source: Path, target: Path) -> Path:
-    """`source` (any GGUF gguf-py can dequantise) rewritten with 2-D tensors as BF16 and the rest F32."""
-    import gguf
+def dense_gguf(source: Path, target: Path, dtype: str) -> Path:
+    """`source` rewritten by llama.cpp's own quantizer (`llama_model_quantize`, allowed to requantize) with
+    its 2-D tensors in `dtype` ("bf16" or "fp32"), metadata and tokenizer unchanged."""
+    import llama_cpp as lc
 
     if target.is_file():
         return target
-    reader = gguf.GGUFReader(source)
-    arch = reader.fields["general.architecture"].contents()
-    writer = gguf.GGUFWriter(str(target) + ".part", arch)
-    for name, field in reader.fields.items():
-        if name.startswith("GGUF.") or name == "general.architecture":
-            continue
-        if name == "general.file_type":
-            writer.add_uint32(name, gguf.LlamaFileType.MOSTLY_BF16)
-            continue
-        kind = field.types[0]
-        sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(name, field.contents(), kind, sub_type=sub)
-    for tensor in reader.tensors:
-        weights = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
-        if weights.ndim >= 2:
-            writer.add_tensor(tensor.name, gguf.quants.quantize(weights, gguf.GGMLQuantizationType.BF16),
-                              raw_dtype=gguf.GGMLQuantizationType.BF16)
-        else:
-            writer.add_tensor(tensor.name, weights)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    Path(str(target) + ".part").rename(target)
+    params = lc.llama_model_quantize_default_params()
+    params.ftype = {"bf16": lc.LLAMA_FTYPE_MOSTLY_BF16, "fp32": lc.LLAMA_FTYPE_ALL_F32}[dtype]
+    params.allow_requantize = True
+    partial = target.with_name(target.name + ".part")
+    if lc.llama_model_quantize(str(source).encode(), str(partial).encode(), ctypes.byref(params)) != 0:
+        raise RuntimeError(f"llama.cpp could not rewrite {source} as {dtype}")
+    partial.rename(target)
     return target
 
 
@@ -133,10 +118,10 @@ class LlamaCppBatched:
                     token = int(logits.argmax())
                     new[seq].append(token)
                     seen[seq].add(token)
-                    done = token in eos or len(new[seq]) >= max_new_tokens or (
-                        token in stop_enders
-                        and cut_at_stop(tok.decode(new[seq], skip_special_tokens=True), stop_strings)
-                        != tok.decode(new[seq], skip_special_tokens=True))
+                    done = token in eos or len(new[seq]) >= max_new_tokens
+                    if not done and token in stop_enders:
+                        text = tok.decode(new[seq], skip_special_tokens=True)
+                        done = cut_at_stop(text, stop_strings) != text
                     if not done:
                         step.append(seq)
                 active = step
