@@ -100,7 +100,7 @@ def resolve_model_path(name: str, cache_dir: str = "") -> str:
 
 def cpu_has_fast_bf16() -> bool:
     """bf16 matmuls in hardware (AVX512-BF16 or AMX). Without them torch converts bf16 in software, and
-    a bf16 matmul is about 4x slower than fp32 (measured on an AVX2-only EPYC), not 2x faster."""
+    a bf16 matmul is several times slower than fp32, not 2x faster (benchmarks/dtype_check.py)."""
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
