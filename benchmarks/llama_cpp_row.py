@@ -8,7 +8,8 @@ with the same numbers in the same dtype.
 The adapter the bench attaches is freshly initialised (B = 0), so the base weights are the model.
 
 The decode loop is llama.cpp's batched API (one `llama_decode` per step over every unfinished
-sequence, each sequence its own KV cells), driven from Python as fedpit's loop is: prompts are
+sequence, each sequence its own KV cells, a finished sequence's slot taken by the next waiting
+prompt), driven from Python as fedpit's loop is: prompts are
 tokenised by the same Hugging Face tokenizer, the repetition penalty is transformers' rule (every
 token of prompt and output, logits divided or multiplied by the penalty), and a row ends at EOS, a
 stop string or the budget. That per-step Python costs llama.cpp a little; it is the same work
@@ -70,63 +71,72 @@ class LlamaCppBatched:
         self.lc.llama_free(self.ctx)
         self.lc.llama_model_free(self.model)
 
-    def _decode(self, entries: list[tuple[int, int, int, bool]]) -> dict[int, int]:
-        """Feed (token, position, sequence, wants_logits) entries in chunks of the batch size; the
-        batch index of each sequence's logits in the last chunk that asked for them."""
-        rows: dict[int, int] = {}
+    def _decode(self, entries: list[tuple[int, int, int, bool]]) -> dict[int, np.ndarray]:
+        """Feed (token, position, sequence, wants_logits) entries in chunks of the batch size; the next-token
+        logits of each sequence that asked, copied out after its chunk (the next `llama_decode` reuses
+        the output buffer)."""
+        logits: dict[int, np.ndarray] = {}
         for start in range(0, len(entries), 512):
             chunk = entries[start:start + 512]
             b = self.batch
-            for i, (token, pos, seq, logits) in enumerate(chunk):
+            for i, (token, pos, seq, wants) in enumerate(chunk):
                 b.token[i], b.pos[i], b.n_seq_id[i] = token, pos, 1
                 b.seq_id[i][0] = seq
-                b.logits[i] = logits
+                b.logits[i] = wants
             b.n_tokens = len(chunk)
             if self.lc.llama_decode(self.ctx, b) != 0:
                 raise RuntimeError("llama_decode failed (the KV cache may be too small)")
-            rows.update({seq: i for i, (_, _, seq, logits) in enumerate(chunk) if logits})
-        return rows
-
-    def _logits(self, index: int) -> np.ndarray:
-        pointer = self.lc.llama_get_logits_ith(self.ctx, index)
-        return np.ctypeslib.as_array(ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)), shape=(self.n_vocab,))
+            for i, (_, _, seq, wants) in enumerate(chunk):
+                if wants:
+                    pointer = self.lc.llama_get_logits_ith(self.ctx, i)
+                    logits[seq] = np.ctypeslib.as_array(ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)),
+                                                        shape=(self.n_vocab,)).copy()
+        return logits
 
     def generate(self, prompts: list[str], max_new_tokens: int, stop_strings: tuple[str, ...],
                  repetition_penalty: float, stop_enders: frozenset[int]) -> list[str]:
-        from fedpit.engines.generation import cut_at_stop
+        """Every prompt through `max_sequences` slots: a slot whose row ended takes the next waiting
+        prompt, whose tokens go into the same `llama_decode` batch as the other slots' next tokens
+        (llama.cpp's server schedules the same way)."""
+        from fedpit.engines.stops import cut_at_stop
 
-        tok = self.tokenizer
+        tok, lc = self.tokenizer, self.lc
+        memory = lc.llama_get_memory(self.ctx)
+        lc.llama_memory_clear(memory, True)
         eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
-        outputs: list[str] = []
-        for first in range(0, len(prompts), self.max_sequences):
-            group = prompts[first:first + self.max_sequences]
-            self.lc.llama_memory_clear(self.lc.llama_get_memory(self.ctx), True)
-            ids = [tok(p)["input_ids"] for p in group]
-            entries = [(t, pos, seq, pos == len(row) - 1) for seq, row in enumerate(ids) for pos, t in enumerate(row)]
-            rows = self._decode(entries)
-            seen = [set(row) for row in ids]
-            new: list[list[int]] = [[] for _ in group]
-            active = list(range(len(group)))
-            while active:
-                step = []
-                for seq in active:
-                    logits = self._logits(rows[seq]).copy()
-                    if repetition_penalty != 1.0:
-                        index = np.fromiter(seen[seq], dtype=np.int64)
-                        picked = logits[index]
-                        logits[index] = np.where(picked > 0, picked / repetition_penalty, picked * repetition_penalty)
-                    token = int(logits.argmax())
-                    new[seq].append(token)
-                    seen[seq].add(token)
-                    done = token in eos or len(new[seq]) >= max_new_tokens
-                    if not done and token in stop_enders:
-                        text = tok.decode(new[seq], skip_special_tokens=True)
-                        done = cut_at_stop(text, stop_strings) != text
-                    if not done:
-                        step.append(seq)
-                active = step
-                if active:
-                    rows = self._decode([(new[s][-1], len(ids[s]) + len(new[s]) - 1, s, True) for s in active])
-            outputs += [cut_at_stop(tok.decode([t for t in row if t not in eos], skip_special_tokens=True),
-                                    stop_strings) for row in new]
-        return outputs
+        ids = [tok(p)["input_ids"] for p in prompts]
+        waiting = sorted(range(len(prompts)), key=lambda i: -len(ids[i]))  # longest first, as fedpit's loop
+        new: list[list[int]] = [[] for _ in prompts]
+        seen = [set(row) for row in ids]
+        slots: dict[int, int] = {}  # slot (llama.cpp sequence id) -> prompt
+        logits: dict[int, np.ndarray] = {}
+        entries: list[tuple[int, int, int, bool]] = []
+        while waiting or slots:
+            for slot in range(self.max_sequences):  # free slots take waiting prompts
+                if slot not in slots and waiting:
+                    prompt = slots[slot] = waiting.pop(0)
+                    lc.llama_memory_seq_rm(memory, slot, -1, -1)
+                    row = ids[prompt]
+                    entries += [(t, pos, slot, pos == len(row) - 1) for pos, t in enumerate(row)]
+            logits.update(self._decode(entries))
+            entries = []
+            for slot, prompt in list(slots.items()):
+                scores = logits[slot]
+                if repetition_penalty != 1.0:
+                    index = np.fromiter(seen[prompt], dtype=np.int64)
+                    picked = scores[index]
+                    scores[index] = np.where(picked > 0, picked / repetition_penalty, picked * repetition_penalty)
+                token = int(scores.argmax())
+                done = token in eos
+                if not done:
+                    new[prompt].append(token)
+                    seen[prompt].add(token)
+                    done = len(new[prompt]) >= max_new_tokens
+                if not done and token in stop_enders:
+                    text = tok.decode(new[prompt], skip_special_tokens=True)
+                    done = cut_at_stop(text, stop_strings) != text
+                if done:
+                    del slots[slot]
+                else:
+                    entries.append((token, len(ids[prompt]) + len(new[prompt]) - 1, slot, True))
+        return [cut_at_stop(tok.decode(row, skip_special_tokens=True), stop_strings) for row in new]

@@ -1,9 +1,14 @@
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
 import torch
 from peft.tuners.lora import LoraLayer
 
 from fedpit.config import LoraConfig, ModelConfig
+from fedpit.engines import continuous
 from fedpit.engines.generation import DecodingOptions, cut_at_stop, generate
 from fedpit.engines.kvcache import PreallocatedLayer
 from fedpit.model import load_model
@@ -51,10 +56,74 @@ def test_decode_loop_matches_transformers_generate(tiny_model_dir):
         ours = generate(handle, prompts, DecodingOptions(max_new_tokens=10, stop_strings=stops,
                                                          repetition_penalty=penalty), batch_size=4)
         handle.merge_for_inference = False
+        # one prompt at a time: no padding, which transformers' repetition penalty would count as text
         reference = generate(handle, prompts, DecodingOptions(max_new_tokens=10, stop_strings=stops,
-                                                              repetition_penalty=penalty, backend="hf"), batch_size=4)
+                                                              repetition_penalty=penalty, backend="hf"), batch_size=1)
+        if penalty == 1.0:  # without a penalty, padding changes nothing: batched `generate` agrees too
+            assert reference == generate(handle, prompts, DecodingOptions(
+                max_new_tokens=10, stop_strings=stops, backend="hf"), batch_size=4)
         handle.merge_for_inference = True
         assert ours == reference
+
+
+@pytest.fixture(scope="module")
+def sensitive_model_dir(tmp_path_factory, smollm2_path) -> Path:
+    """A tiny model initialised at 15x the usual scale: its greedy text changes every token and turns
+    on small differences in the logits (the default tiny model repeats one token whatever it is given),
+    so a row that attends to a wrong position or gets a wrong position id changes its output."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         tie_word_embeddings=True, initializer_range=0.3, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("sensitive-llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_continuous_batching_gives_each_prompt_what_it_gets_alone(sensitive_model_dir, monkeypatch):
+    """More prompts than rows: waiting prompts join the batch as rows finish (the spy sees them join
+    a batch still decoding), and every prompt's greedy output is still what it gets decoded alone in
+    fp32, with stop strings, a token budget, EOS and a repetition penalty."""
+    handle = load_model(ModelConfig(name=str(sensitive_model_dir), dtype="fp32", threads=1),
+                        LoraConfig(rank=4, alpha=8))
+    handle.set_adapter(_trained_looking_adapter(handle, seed=3))
+    prompts = [" ".join(["word"] * n) + f" {n}" for n in (1, 9, 3, 14, 2, 6, 11, 4, 1, 7)]
+    joins: list[tuple[int, int]] = []
+    real_join = continuous._join
+
+    def spy(rows, cache, group, group_cache, max_new_tokens):
+        joins.append((len(rows), len(group)))
+        real_join(rows, cache, group, group_cache, max_new_tokens)
+
+    monkeypatch.setattr(continuous, "_join", spy)
+    free = generate(handle, prompts, DecodingOptions(max_new_tokens=12), batch_size=1)
+    stops = tuple({text[:3] for text in free[1::2] if len(text) >= 3})  # half of the rows end after a token or two
+    for options in (DecodingOptions(max_new_tokens=12, stop_strings=stops),
+                    DecodingOptions(max_new_tokens=12, stop_strings=stops, repetition_penalty=1.3)):
+        joins.clear()
+        together = generate(handle, prompts, options, batch_size=4)
+        assert joins and all(active > 0 for active, _ in joins), "prompts should join a batch still decoding"
+        alone = [generate(handle, [p], options, batch_size=1)[0] for p in prompts]
+        assert together == alone
+        joins.clear()
+        assert generate(handle, prompts, replace(options, continuous_batching=False), batch_size=4) == together
+        assert not joins, "static batches should not take prompts mid-decode"
+        assert len(set(together)) > 3, "outputs should differ between prompts for the test to mean anything"
+
+
+def test_generation_reports_progress_in_prompts(tiny_model_dir):
+    handle = load_model(ModelConfig(name=str(tiny_model_dir), dtype="fp32", threads=1), LoraConfig(rank=4, alpha=8))
+    for backend in ("fedpit", "hf"):
+        seen: list[tuple[int, int]] = []
+        generate(handle, ["a", "b c", "d e f", "g"], DecodingOptions(max_new_tokens=4, backend=backend), batch_size=2,
+                 on_batch=lambda done, total, seen=seen: seen.append((done, total)))
+        assert seen[-1] == (4, 4) and all(total == 4 for _, total in seen)
+        assert [done for done, _ in seen] == sorted(done for done, _ in seen)
 
 
 def test_merged_inference_matches_lora_and_restores_the_model_exactly(tiny_model_dir):
@@ -89,3 +158,17 @@ def test_preallocated_cache_layer_writes_in_place_grows_and_selects_rows():
     assert torch.equal(layer.keys, expected[[3, 1]]) and torch.equal(layer.values, -expected[[3, 1]])
     keys, _ = layer.update(torch.ones(2, 2, 1, 8), torch.ones(2, 2, 1, 8))
     assert keys.shape == (2, 2, 7, 8) and torch.equal(keys[:, :, :6], expected[[3, 1]])
+
+
+def test_preallocated_layer_absorbs_rows_right_aligned_with_zero_padding():
+    mine, theirs = PreallocatedLayer(capacity=8), PreallocatedLayer(capacity=8)
+    old, new = torch.randn(2, 3, 5, 4), torch.randn(1, 3, 3, 4)
+    mine.update(old, -old)
+    theirs.update(new, -new)
+    mine.absorb(theirs, drop=1, width=6, capacity=9)  # 4 positions kept of mine, 3 of theirs, in 6
+    assert mine.get_seq_length() == 6 and mine.keys.shape == (3, 3, 6, 4) and mine._keys.shape[2] == 9
+    assert torch.equal(mine.keys[:2, :, 2:], old[:, :, 1:]) and torch.equal(mine.values[:2, :, 2:], -old[:, :, 1:])
+    assert torch.equal(mine.keys[2:, :, 3:], new) and torch.equal(mine.values[2:, :, 3:], -new)
+    assert not mine.keys[:2, :, :2].any() and not mine.keys[2:, :, :3].any() and not mine.values[2:, :, :3].any()
+    keys, _ = mine.update(torch.ones(3, 3, 1, 4), torch.ones(3, 3, 1, 4))  # decoding goes on after the join
+    assert keys.shape == (3, 3, 7, 4) and torch.equal(keys[:, :, 6], torch.ones(3, 3, 4))

@@ -4,7 +4,8 @@ transformers' `DynamicLayer` appends each step's keys and values with `torch.cat
 whole cache every step: on 2 CPU cores that was a third of the decode time for 300-token prompts
 (`make bench`). Here each layer's cache is allocated once for the prompt plus the token budget, a
 step writes one slice, and attention reads a view of the filled part. Dropping finished rows
-(`batch_select_indices`) is the only copy, once per row rather than once per step. transformers'
+(`batch_select_indices`) and taking in newly prefilled ones (`absorb`, for continuous batching)
+are the only copies, once per change of the batch rather than once per step. transformers'
 `StaticCache` also avoids the copies but makes every step attend over the whole allocated length.
 """
 
@@ -60,6 +61,23 @@ class PreallocatedLayer(DynamicLayer):
         self._values = self._values.index_select(0, indices)
         self.keys, self.values = self._keys[:, :, : self.length], self._values[:, :, : self.length]
 
+    def absorb(self, other: PreallocatedLayer, drop: int, width: int, capacity: int) -> None:
+        """Append `other`'s rows below this layer's, both right-aligned in `width` positions (left
+        padding, as the rows' attention masks are): this layer first loses its leading `drop` positions,
+        which no row attends to any more. Padding is zeros, never uninitialised memory: a masked
+        position gets exactly zero attention weight, and 0 x NaN would still be NaN."""
+        mine, theirs = self.length - drop, other.length
+        rows = self._keys.shape[0] + other._keys.shape[0]
+        shape = (rows, self._keys.shape[1], capacity, self._keys.shape[3])
+        keys, values = self._keys.new_zeros(shape), self._values.new_zeros(shape)
+        split = self._keys.shape[0]
+        keys[:split, :, width - mine : width] = self._keys[:, :, drop : self.length]
+        values[:split, :, width - mine : width] = self._values[:, :, drop : self.length]
+        keys[split:, :, width - theirs : width] = other._keys[:, :, :theirs]
+        values[split:, :, width - theirs : width] = other._values[:, :, :theirs]
+        self._keys, self._values, self.length = keys, values, width
+        self.keys, self.values = self._keys[:, :, :width], self._values[:, :, :width]
+
     def reset(self) -> None:
         self.length = 0
         super().reset()
@@ -71,3 +89,13 @@ def preallocated_cache(model_config, capacity: int) -> DynamicCache:
     cache = DynamicCache(config=model_config)
     cache.layers = [PreallocatedLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache
+
+
+def can_absorb(cache: DynamicCache) -> bool:
+    """Whether rows can join `cache` mid-decode: every layer must be a `PreallocatedLayer`."""
+    return all(isinstance(layer, PreallocatedLayer) for layer in cache.layers)
+
+
+def absorb(cache: DynamicCache, other: DynamicCache, drop: int, width: int, capacity: int) -> None:
+    for mine, theirs in zip(cache.layers, other.layers, strict=True):
+        mine.absorb(theirs, drop, width, capacity)

@@ -1,0 +1,183 @@
+"""The decode loop of the `fedpit` generation backend, with continuous batching.
+
+A row leaves the batch (and the KV cache) as soon as it ends: self-generation stops most rows well
+before the token budget, and `model.generate` computes every row to the end of the longest. When
+enough rows have left, the next waiting prompts are prefilled together and join the batch
+(`kvcache.absorb`), so a call with more prompts than `max_rows` keeps the batch full instead of
+running each static batch's tail of a few rows: self-generation answers `synth.num_candidates` (32)
+prompts `synth.batch_size` (16) at a time, and evaluation its whole set `eval.batch_size` at a time.
+
+Rows are right-aligned (left padding): a row's mask is zeros then ones, its positions count its own
+tokens, and rows that join are padded on the left to the batch's width; positions no row attends to
+any more are dropped when rows join. Each row's output is what it would get decoded alone (greedy,
+fp32; tested), and the same as the static batches gave before.
+
+The repetition penalty sees a row's own tokens only. Padding is not text: transformers' processor,
+given a left-padded batch, also penalises the pad token, which for SmolLM2 is EOS, so a row's chance
+to stop depended on the length of the longest prompt in its batch. Here the padded positions of a
+row's history repeat its first token, which the rule already counts once.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from transformers import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from fedpit.engines.encoding import last_positions
+from fedpit.engines.kvcache import absorb, can_absorb, preallocated_cache
+from fedpit.engines.stops import has_stop, stop_enders
+from fedpit.faults import failpoint
+
+RowsCallback = Callable[[int, int], None]
+
+
+@dataclass
+class Rows:
+    """The rows being decoded: which prompt each is, and what the next step needs of them."""
+
+    prompts: list[int]
+    mask: torch.Tensor  # [rows, width], the cache's positions each row attends to
+    next_position: torch.Tensor  # [rows]
+    history: torch.Tensor  # [rows, width'] the row's tokens, padding replaced by its first token
+    logits: torch.Tensor  # [rows, vocab] for the next token
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def select(self, keep: torch.Tensor, kept: list[int]) -> None:
+        self.prompts = [self.prompts[i] for i in kept]
+        self.mask, self.next_position = self.mask[keep], self.next_position[keep]
+        self.history, self.logits = self.history[keep], self.logits[keep]
+
+
+def processors(options) -> LogitsProcessorList:
+    chain = LogitsProcessorList()
+    if options.repetition_penalty != 1.0:
+        chain.append(RepetitionPenaltyLogitsProcessor(options.repetition_penalty))
+    if options.do_sample:
+        chain.append(TemperatureLogitsWarper(options.temperature))
+        if options.top_p < 1.0:
+            chain.append(TopPLogitsWarper(options.top_p))
+    return chain
+
+
+def _left_pad(rows: list[list[int]], pad: int | None, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask) right-aligned; with `pad=None` each row is padded with its own first token."""
+    width = max(len(r) for r in rows)
+    ids = torch.empty((len(rows), width), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : width - len(row)] = row[0] if pad is None else pad
+        ids[i, width - len(row) :] = torch.tensor(row)
+        mask[i, width - len(row) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _widen(t: torch.Tensor, width: int, fill: torch.Tensor | int) -> torch.Tensor:
+    """`t` [rows, w] right-aligned in `width` columns, the new left columns `fill` (a scalar or [rows])."""
+    if t.shape[1] == width:
+        return t
+    left = t.new_empty((t.shape[0], width - t.shape[1]))
+    left[:] = fill if isinstance(fill, int) else fill[:, None]
+    return torch.cat([left, t], dim=1)
+
+
+def decode(handle, encoded: list[list[int]], options, max_rows: int,
+           on_rows_done: RowsCallback | None = None) -> list[list[int]]:
+    """New tokens for every prompt of `encoded`, at most `max_rows` decoded together.
+
+    Prompts join longest first (similar lengths pad little); more join whenever a quarter of the
+    rows have finished. If a model's cache cannot take rows mid-decode (sliding-window or
+    linear-attention layers), or `options.continuous_batching` is off, batches follow each other."""
+    model, tokenizer = handle.model, handle.tokenizer
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    if options.max_new_tokens <= 0:
+        return [[] for _ in encoded]
+    chain = processors(options)
+    enders = stop_enders(tokenizer, options.stop_strings) if options.stop_strings else frozenset()
+    waiting = deque(sorted(range(len(encoded)), key=lambda i: -len(encoded[i])))
+    generated: list[list[int]] = [[] for _ in encoded]
+    refill_below = max_rows - max(1, max_rows // 4)
+    rows: Rows | None = None
+    cache = None
+    done = 0
+    while waiting or rows is not None:
+        joinable = options.continuous_batching and rows is not None and can_absorb(cache)
+        if waiting and (rows is None or (joinable and len(rows) <= refill_below)):
+            take = [waiting.popleft() for _ in range(min(max_rows - (len(rows) if rows else 0), len(waiting)))]
+            group, group_cache = _prefill(model, [encoded[i] for i in take], take, pad, options, handle.device)
+            if rows is None:
+                rows, cache = group, group_cache
+            else:
+                _join(rows, cache, group, group_cache, options.max_new_tokens)
+            failpoint("generation_batch")
+        scores = chain(rows.history, rows.logits.float())
+        if options.do_sample:
+            tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+        else:
+            tokens = scores.argmax(dim=-1)
+        kept = []
+        for i, (prompt, token) in enumerate(zip(rows.prompts, tokens.tolist())):
+            if token == eos:
+                continue
+            out = generated[prompt]
+            out.append(token)
+            if len(out) >= options.max_new_tokens:
+                continue
+            if token in enders and has_stop(tokenizer, out[-16:], options.stop_strings):
+                continue
+            kept.append(i)
+        if len(kept) < len(rows):
+            done += len(rows) - len(kept)
+            if on_rows_done is not None:
+                on_rows_done(done, len(encoded))
+            if not kept:
+                rows, cache = None, None
+                continue
+            keep = torch.tensor(kept, device=tokens.device)
+            cache.batch_select_indices(keep)
+            rows.select(keep, kept)
+            tokens = tokens[keep]
+        rows.history = torch.cat([rows.history, tokens[:, None]], dim=1)
+        rows.mask = torch.cat([rows.mask, rows.mask.new_ones((len(rows), 1))], dim=1)
+        out = model(input_ids=tokens[:, None], attention_mask=rows.mask, position_ids=rows.next_position[:, None],
+                    past_key_values=cache, use_cache=True)
+        rows.logits = out.logits[:, -1, :]
+        rows.next_position = rows.next_position + 1
+    return generated
+
+
+def _prefill(model, prompts: list[list[int]], ids: list[int], pad: int, options, device) -> tuple[Rows, object]:
+    input_ids, mask = _left_pad(prompts, pad, device)
+    history, _ = _left_pad(prompts, None, device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = preallocated_cache(model.config, input_ids.shape[1] + options.max_new_tokens)
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                use_cache=True, logits_to_keep=last_positions(input_ids.shape[1], 1, device))
+    return Rows(prompts=ids, mask=mask, next_position=positions[:, -1] + 1, history=history,
+                logits=out.logits[:, -1, :]), cache
+
+
+def _join(rows: Rows, cache, group: Rows, group_cache, max_new_tokens: int) -> None:
+    """`group` (just prefilled) joins `rows` in one cache, both right-aligned in a common width."""
+    attended = rows.mask.any(dim=0)
+    drop = int(attended.float().argmax())  # leading positions no row attends to any more
+    mask = rows.mask[:, drop:]
+    width = max(mask.shape[1], group.mask.shape[1])
+    absorb(cache, group_cache, drop, width, width + max_new_tokens)
+    rows.mask = torch.cat([_widen(mask, width, 0), _widen(group.mask, width, 0)])
+    history_width = max(rows.history.shape[1], group.history.shape[1])
+    rows.history = torch.cat([_widen(rows.history, history_width, rows.history[:, 0]),
+                              _widen(group.history, history_width, group.history[:, 0])])
+    rows.next_position = torch.cat([rows.next_position, group.next_position])
+    rows.logits = torch.cat([rows.logits, group.logits])
+    rows.prompts = rows.prompts + group.prompts
