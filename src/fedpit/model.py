@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from fedpit.config import LoraConfig, ModelConfig
+from fedpit.dropout import use_fast_dropout
 from fedpit.errors import ModelError
 from fedpit.types import AdapterState
 
@@ -308,6 +309,7 @@ def load_model(model_config: ModelConfig, lora_config: LoraConfig, seed: int = 0
     )
     # LoRA weights in the base's dtype (no fp32 upcast of every LoRA input); ModelHandle keeps fp32 masters
     model = get_peft_model(base, peft_config, adapter_name=ADAPTER_NAME, autocast_adapter_dtype=False)
+    use_fast_dropout(model)  # peft's nn.Dropout draws a float per element: 14% of a CPU training step
     if not quantized:  # a quantised model was placed on the GPU while loading and cannot be moved
         model = model.to(device)
     lora_params = {_strip_adapter_name(n): p for n, p in model.named_parameters() if p.requires_grad}
