@@ -1,0 +1,89 @@
+"""Where a decode step's time goes, and how close it is to the machine's memory bandwidth.
+
+    python benchmarks/decode_profile.py [--rows 16] [--context 350] [--dtype auto]
+
+One prefill of `rows` random prompts of `context` tokens on the embedded SmolLM2 (LoRA merged, as in
+generation), then 20 timed decode steps and 10 profiled ones. It prints the step time, the share of
+each kind of operation (the linear layers by shape, the LM head, attention, the rest), and the bytes a
+step must read from memory: every weight once (the batch shares them) plus every row's keys and values
+in every layer. Bytes / step time is the bandwidth the step achieves. When that is close to what the
+machine's memory delivers, a step is bandwidth-bound: fewer bytes (smaller weights or cache) or more rows
+sharing one read of the weights would make it faster, and faster arithmetic would not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from fedpit.config import LoraConfig, ModelConfig
+from fedpit.engines.encoding import last_positions
+from fedpit.engines.kvcache import preallocated_cache
+from fedpit.model import load_model, resolve_model_path
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=16)
+    parser.add_argument("--context", type=int, default=350)
+    parser.add_argument("--dtype", default="auto")
+    args = parser.parse_args()
+    handle = load_model(ModelConfig(name=resolve_model_path("smollm2-135m-instruct"), dtype=args.dtype),
+                        LoraConfig(rank=16, alpha=32, target_modules=TARGETS))
+    rows, context = args.rows, args.context
+    with handle.inference():
+        model = handle.model
+        generator = torch.Generator().manual_seed(0)
+        ids = torch.randint(100, 40000, (rows, context), generator=generator)
+        mask = torch.ones(rows, context, dtype=torch.long)
+        cache = preallocated_cache(model.config, context + 64)
+        out = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True,
+                    logits_to_keep=last_positions(context, 1, ids.device))
+        state = {"mask": mask, "position": torch.full((rows,), context), "token": out.logits[:, -1].argmax(-1)}
+
+        def step() -> None:
+            state["mask"] = torch.cat([state["mask"], state["mask"].new_ones(rows, 1)], dim=1)
+            logits = model(input_ids=state["token"][:, None], attention_mask=state["mask"],
+                           position_ids=state["position"][:, None], past_key_values=cache, use_cache=True).logits
+            state["position"] = state["position"] + 1
+            state["token"] = logits[:, -1].argmax(-1)
+
+        for _ in range(3):
+            step()
+        start = time.perf_counter()
+        for _ in range(20):
+            step()
+        seconds = (time.perf_counter() - start) / 20
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            for _ in range(10):
+                step()
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())  # merged: what decoding reads
+    vocab = model.config.vocab_size
+    kinds: dict[str, float] = defaultdict(float)
+    for event in prof.key_averages(group_by_input_shape=True):
+        name, shapes = event.key, event.input_shapes
+        if name == "aten::mm" and shapes and len(shapes[1]) == 2:
+            kind = "LM head" if vocab in shapes[1] else f"linear {shapes[1][0]}->{shapes[1][1]}"
+        elif "scaled_dot_product" in name:
+            kind = "attention (SDPA)"
+        else:
+            kind = "everything else"
+        kinds[kind] += event.self_cpu_time_total
+    total = sum(kinds.values())
+    kv = sum(2 * layer.keys.numel() * layer.keys.element_size() for layer in cache.layers)
+    print(f"{rows} rows, context {context}-{context + 33} tokens, {model.dtype}, {torch.get_num_threads()} threads")
+    print(f"decode step: {seconds * 1e3:.1f} ms ({rows / seconds:.0f} new tokens/s)")
+    for kind, micros in sorted(kinds.items(), key=lambda item: -item[1]):
+        print(f"  {kind:28s} {micros / total:6.1%}")
+    print(f"bytes a step reads: weights {weights / 2**20:.0f} MiB + keys/values {kv / 2**20:.0f} MiB "
+          f"-> {(weights + kv) / seconds / 1e9:.1f} GB/s achieved")
+
+
+if __name__ == "__main__":
+    main()
