@@ -34,7 +34,6 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from fedpit.attention import cache_dtype
 from fedpit.engines.encoding import last_positions
 from fedpit.engines.kvcache import absorb, can_absorb, preallocated_cache
 from fedpit.engines.stops import has_stop, stop_enders
@@ -163,8 +162,7 @@ def _prefill(model, prompts: list[list[int]], ids: list[int], pad: int, options,
     input_ids, mask = _left_pad(prompts, pad, device)
     history, _ = _left_pad(prompts, None, device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = preallocated_cache(model.config, input_ids.shape[1] + options.max_new_tokens,
-                               cache_dtype(model.dtype, device))
+    cache = preallocated_cache(model.config, input_ids.shape[1] + options.max_new_tokens)
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                 use_cache=True, logits_to_keep=last_positions(input_ids.shape[1], 1, device))
     return Rows(prompts=ids, mask=mask, next_position=positions[:, -1] + 1, history=history,

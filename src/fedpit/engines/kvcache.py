@@ -17,40 +17,30 @@ from transformers.cache_utils import DynamicLayer
 
 
 class PreallocatedLayer(DynamicLayer):
-    """One attention layer's cache with room for `capacity` positions (it doubles if ever exceeded).
+    """One attention layer's cache with room for `capacity` positions (it doubles if ever exceeded)."""
 
-    `store_dtype` keeps the keys and values in another dtype than the model computes them in: fp32
-    for a bf16 model on a CPU, where attention reads the cache in place only in fp32
-    (`fedpit.attention`). The first update (a prefill) still returns its own keys and values, so a
-    prefill's attention runs in the model's dtype."""
-
-    def __init__(self, capacity: int, store_dtype: torch.dtype | None = None) -> None:
+    def __init__(self, capacity: int) -> None:
         super().__init__()
         self.capacity = capacity
-        self.store_dtype = store_dtype
         self.length = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.dtype, self.device = self.store_dtype or key_states.dtype, key_states.device
-        self._keys = key_states.new_empty((*key_states.shape[:2], self.capacity, key_states.shape[3]),
-                                          dtype=self.dtype)
-        self._values = value_states.new_empty((*value_states.shape[:2], self.capacity, value_states.shape[3]),
-                                              dtype=self.dtype)
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self._keys = key_states.new_empty((*key_states.shape[:2], self.capacity, key_states.shape[3]))
+        self._values = value_states.new_empty((*value_states.shape[:2], self.capacity, value_states.shape[3]))
         self.length = 0
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        start, end = self.length, self.length + key_states.shape[-2]
+        end = self.length + key_states.shape[-2]
         if end > self._keys.shape[-2]:
             self._grow(max(end, 2 * self._keys.shape[-2]))
-        self._keys[:, :, start:end] = key_states
-        self._values[:, :, start:end] = value_states
+        self._keys[:, :, self.length : end] = key_states
+        self._values[:, :, self.length : end] = value_states
         self.length = end
         self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
-        if start == 0 and key_states.dtype != self.dtype:
-            return key_states, value_states
         return self.keys, self.values
 
     def _grow(self, capacity: int) -> None:
@@ -93,12 +83,11 @@ class PreallocatedLayer(DynamicLayer):
         super().reset()
 
 
-def preallocated_cache(model_config, capacity: int, store_dtype: torch.dtype | None = None) -> DynamicCache:
+def preallocated_cache(model_config, capacity: int) -> DynamicCache:
     """A `DynamicCache` whose plain attention layers are `PreallocatedLayer`s; layer kinds it does not
     know (sliding windows, linear attention) keep transformers' own implementation."""
     cache = DynamicCache(config=model_config)
-    cache.layers = [PreallocatedLayer(capacity, store_dtype) if type(layer) is DynamicLayer else layer
-                    for layer in cache.layers]
+    cache.layers = [PreallocatedLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache
 
 
