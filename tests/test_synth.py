@@ -168,6 +168,25 @@ def test_filtered_responses_are_made_up_from_waiting_instructions(monkeypatch):
     assert outcome.filtered["copies_private"] == 1 and outcome.counts()["unused"] == 6
 
 
+def test_responses_wait_until_instructions_for_every_needed_candidate_are_in(monkeypatch):
+    """Instruction batches of 2 with one of each pair rejected: four instruction batches, then all four
+    responses in one call (a call per instruction batch would have decoded one row at a time)."""
+    config = replace(CONFIG, num_candidates=4, max_instructions=10, batch_size=2)
+    mixed = [x for pair in zip(INSTRUCTIONS, ["Why?"] * 5) for x in pair]
+    answers = iter(range(1000))
+    outcome, generator = _run(monkeypatch, mixed, lambda p, n: f"{GOOD_ANSWER} Variant {next(answers)}.", config)
+    assert generator.response_rows == [4]
+    assert len(outcome.samples) == 4 and outcome.generated_instructions == 8
+
+
+def test_a_spent_instruction_budget_still_answers_what_waits(monkeypatch):
+    config = replace(CONFIG, num_candidates=5, max_instructions=4, batch_size=2)
+    answers = iter(range(1000))
+    outcome, generator = _run(monkeypatch, INSTRUCTIONS, lambda p, n: f"{GOOD_ANSWER} Variant {next(answers)}.",
+                              config)
+    assert generator.response_rows == [4] and len(outcome.samples) == 4
+
+
 def test_fewer_than_eight_examples_uses_all(monkeypatch):
     outcome, _ = _run(monkeypatch, ["How is a sprained ankle treated at home?"], lambda p, n: GOOD_ANSWER,
                       private=PRIVATE[:5])

@@ -125,9 +125,11 @@ def _self_generate(handle: ModelHandle, fmt: PromptFormat, private: list[Example
     pending: list[tuple[str, list[str]]] = []  # accepted instructions still waiting for a response
     gen_seed = seed
     while len(outcome.samples) < config.num_candidates:
-        if not pending:
-            if outcome.generated_instructions >= config.max_instructions:
-                break
+        need = config.num_candidates - len(outcome.samples)
+        # Instructions first, until one waits for every candidate still needed: responses cost about ten
+        # times an instruction, and one call for all of them keeps the decode batch full, where a call per
+        # instruction batch decoded the few rows that batch let through.
+        if len(pending) < need and outcome.generated_instructions < config.max_instructions:
             want = min(config.batch_size, config.max_instructions - outcome.generated_instructions)
             draws = [rng.sample(range(len(demos)), min(config.num_instruction_demos, len(demos)))
                      for _ in range(want)]
@@ -149,10 +151,11 @@ def _self_generate(handle: ModelHandle, fmt: PromptFormat, private: list[Example
                     accepted_instructions.append(instruction)
                     pending.append((instruction, [demos[i].id for i in draw]))
             continue
-        # Responses only for the instructions still needed: writing a response costs about ten times
-        # an instruction, and every response beyond `num_candidates` used to be thrown away (a third
-        # of them in the demo). Rows that fail a filter are made up from `pending` on the next pass.
-        need = config.num_candidates - len(outcome.samples)
+        if not pending:
+            break
+        # Responses only for the instructions still needed: every response beyond `num_candidates` used
+        # to be thrown away (a third of them in the demo). Rows that fail a filter are made up from
+        # `pending` on the next pass.
         batch, pending = pending[:need], pending[need:]
         gen_seed += 1
         responses = _respond_with_redraws(handle, fmt, demos, batch, config, resp_opts, rng, gen_seed)
