@@ -22,6 +22,7 @@ import torch
 from fedpit.config import LoraConfig, ModelConfig
 from fedpit.dropout import use_fast_dropout
 from fedpit.errors import ModelError
+from fedpit.memory import keep_freed_memory
 from fedpit.types import AdapterState
 
 log = logging.getLogger(__name__)
@@ -274,6 +275,7 @@ def load_model(model_config: ModelConfig, lora_config: LoraConfig, seed: int = 0
 
     if model_config.threads > 0:
         torch.set_num_threads(model_config.threads)
+    keep_freed_memory()  # large per-step tensors reuse freed memory instead of page-faulting (memory.py)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(model_config.dtype, device)
     quantized = quantization_kwargs(model_config.quantization, device, dtype)
