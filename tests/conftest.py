@@ -113,8 +113,6 @@ def tiny_overrides(tmp_path, tiny_model_dir) -> list[str]:
 def tiny_judge_server(tiny_model_dir):
     """A real OpenAI-compatible server on loopback (fedpit serve's engine) whose tiny random model
     writes random text: every verdict it gives is unparsable, which is what protocol tests need."""
-    import threading
-
     from fedpit.config import LoraConfig, ModelConfig
     from fedpit.model import load_model
     from fedpit.serving import ServedModel, make_server
@@ -124,10 +122,6 @@ def tiny_judge_server(tiny_model_dir):
     state = handle.fresh_adapter(seed=0)
     torch.manual_seed(1)
     handle.set_adapter({k: v + torch.randn_like(v) for k, v in state.items()})
-    server = make_server(ServedModel(handle=handle, template="chat", max_tokens_limit=8), model_name="judge")
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    try:
+    served = ServedModel(handle=handle, template="chat", max_tokens_limit=8)
+    with make_server(served, model_name="judge").running() as server:
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import re
@@ -50,15 +51,8 @@ def served(trained):
 
 @pytest.fixture(scope="module")
 def server(served):
-    server = make_server(served, api_key=KEY)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
+    with make_server(served, api_key=KEY).running() as server:
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
 
 
 @pytest.fixture
@@ -208,3 +202,22 @@ def test_serve_forever_prints_the_url_and_stops_on_sigterm(trained):
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_leaving_running_closes_kept_alive_connections_and_ends_every_thread(served):
+    """A client that keeps its connection open must not keep a handler thread (and the model) alive
+    past the block: such a thread could free the model while the interpreter exits, which aborts."""
+    server = make_server(served)
+    context = server.running()
+    context.__enter__()
+    connection = http.client.HTTPConnection(*server.server_address, timeout=10)
+    connection.request("GET", "/health")
+    assert json.loads(connection.getresponse().read()) == {"status": "ok"}  # the connection stays open
+    stopper = threading.Thread(target=context.__exit__, args=(None, None, None))
+    stopper.start()
+    stopper.join(timeout=20)
+    assert not stopper.is_alive(), "leaving the block waited for the client to hang up"
+    assert not any(t.is_alive() for t in server._handlers)
+    with pytest.raises((http.client.HTTPException, ConnectionError)):  # the server closed its end
+        connection.request("GET", "/health")
+        connection.getresponse()

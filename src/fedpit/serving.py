@@ -8,10 +8,13 @@ import hmac
 import json
 import logging
 import signal
+import socket
 import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -149,26 +152,66 @@ def _read_adapter(file: Path) -> AdapterState:
 
 
 class FedpitServer(ThreadingHTTPServer):
-    """Counts requests per route so a test can check what a client (e.g. an LLM judge) sent."""
+    """Counts requests per route so a test can check what a client (e.g. an LLM judge) sent, and
+    knows its open connections so `running` can end every thread it started."""
 
-    daemon_threads = True
+    daemon_threads = True  # Ctrl-C on `fedpit serve` does not wait for a client's idle keep-alive connection
 
     def __init__(self, address: tuple[str, int], handler: type, model: ServedModel, api_key: str | None,
                  model_name: str) -> None:
         super().__init__(address, handler)
         self.model, self.api_key, self.model_name, self.started = model, api_key, model_name, int(time.time())
-        self._counts, self._count_lock = Counter({"chat_completions": 0, "models": 0}), threading.Lock()
+        self._counts, self._lock = Counter({"chat_completions": 0, "models": 0}), threading.Lock()
+        self._open: set[socket.socket] = set()  # connections whose handler thread still reads them
+        self._handlers: list[threading.Thread] = []
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        thread = threading.Thread(target=self.process_request_thread, args=(request, client_address), daemon=True)
+        with self._lock:
+            self._open.add(request)
+            self._handlers = [t for t in self._handlers if t.is_alive()] + [thread]
+        thread.start()
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._lock:
+            self._open.discard(request)
+        super().shutdown_request(request)
+
+    @contextmanager
+    def running(self) -> Iterator[FedpitServer]:
+        """Serves from background threads until the block ends, then stops accepting, closes the
+        connections clients keep alive, and waits for every thread it started (a generation under
+        way finishes first). Why wait: a thread that outlived the block could become the last
+        holder of the model and free its tensors itself, possibly while the interpreter exits,
+        which aborts the process."""
+        acceptor = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        acceptor.start()
+        try:
+            yield self
+        finally:
+            self.shutdown()
+            acceptor.join()
+            with self._lock:
+                still_open, handlers = list(self._open), list(self._handlers)
+            for connection in still_open:
+                try:
+                    connection.shutdown(socket.SHUT_RDWR)  # the handler's idle keep-alive read returns at once
+                except OSError:
+                    pass  # the client closed it meanwhile
+            for thread in handlers:
+                thread.join()
+            self.server_close()
 
     @property
     def url(self) -> str:
         return f"http://{self.server_address[0]}:{self.server_address[1]}/v1"
 
     def count(self, route: str) -> None:
-        with self._count_lock:
+        with self._lock:
             self._counts[route] += 1
 
     def counts(self) -> dict[str, int]:
-        with self._count_lock:
+        with self._lock:
             return dict(self._counts)
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 
 import pytest
 
@@ -162,16 +161,11 @@ def test_a_real_model_judges_through_the_server(tmp_path, monkeypatch):
     template.write_text("You are a judge. Reply with a single letter: A or B.\n---\nQuestion: {instruction}\n"
                         "Answer A: {answer_a}\nAnswer B: {answer_b}\nWhich answer is better, A or B? Reply with one "
                         "letter.")
-    server = make_server(ServedModel(handle=handle, template="chat"), model_name="judge")
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    try:  # the server is stopped whatever happens from here
+    with make_server(ServedModel(handle=handle, template="chat"), model_name="judge").running() as server:
         run = _run_dir(tmp_path)
         config = JudgeConfig(endpoint=server.url, model="judge", api_key_env="", max_tokens=4,
                              template=str(template))
         (result,) = judge_run(run.path, config)
-    finally:
-        server.shutdown()
-        server.server_close()
     assert server.counts()["chat_completions"] == 2 * len(ANSWERS)
     assert result.counts()["invalid"] == 0, result.verdicts
     records = [json.loads(line) for line in (run.path / "judge/final/medinstruct--vs-reference.jsonl").open()]
