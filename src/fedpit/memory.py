@@ -8,6 +8,12 @@ trimming deferred, freed blocks stay in the heap and the next step reuses them: 
 2 cores ran at 1.3x its tokens/s in `make bench` (docs/performance.md). The price is that the
 process keeps its peak memory until it exits, which a process that trains reaches every step anyway.
 
+Limits, both glibc's: a thread other than the main one (or the main thread after an allocation
+failed) allocates from an arena of its own, where blocks over 64 MiB are mapped anew whatever this
+says; and torch's 64-byte-aligned requests ask a little more than the block they get, so a freed
+block is reused by a smaller tensor, or by one of the same size once it merges with a freed
+neighbour, which a training step's many tensors usually give it.
+
 `FEDPIT_KEEP_FREED_MEMORY=0` leaves glibc's defaults; on other C libraries this does nothing.
 """
 
