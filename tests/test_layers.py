@@ -8,7 +8,7 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src" / "fedpit"
 
 LAYERS = [
-    {"errors", "types", "seeding", "registry", "textmetrics", "faults", "dropout", "memory"},
+    {"errors", "types", "seeding", "registry", "textmetrics", "faults", "dropout", "memory", "attention"},
     {"config"},
     {"model", "prompts", "data"},
     {"engines"},

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from fedpit.attention import register as register_attention
 from fedpit.config import LoraConfig, ModelConfig
 from fedpit.dropout import use_fast_dropout
 from fedpit.errors import ModelError
@@ -294,6 +295,8 @@ def load_model(model_config: ModelConfig, lora_config: LoraConfig, seed: int = 0
         ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if device.type == "cpu" and dtype != torch.float32 and base.config._attn_implementation == "sdpa":
+        base.set_attn_implementation(register_attention())  # bf16 SDPA's backward is slow on a CPU (attention.py)
     available = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()}
     absent = [m for m in lora_config.target_modules if m not in available]
     if absent:
