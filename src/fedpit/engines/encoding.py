@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fedpit.engines.head_loss import HeadCrossEntropy, head_path
+
 IGNORE_INDEX = -100
 
 
@@ -75,19 +77,28 @@ def last_positions(width: int, keep: int, device: torch.device) -> torch.Tensor:
 def target_token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of every target token of a left-padded batch, and which positions are targets.
 
-    With left padding every target sits at the end of its row, so the model computes logits (a
-    49k-wide vocabulary for SmolLM2) for the last `keep` positions only, not for the prompt: in
-    training that removes the LM head and the log-softmax over every prompt token, which a plain
-    `model(**batch).loss` pays for. Returns (losses, mask), both [batch, keep - 1]."""
+    With left padding every target sits at the end of its row, so only the positions from the
+    batch's first target on need the LM head (a 49k-wide vocabulary for SmolLM2), not the prompt:
+    in training that removes the LM head and the log-softmax over every prompt token, which a plain
+    `model(**batch).loss` pays for. Where the model allows it, `head_loss` goes further and runs
+    the head on target tokens only, chunk by chunk. Returns (losses, mask), both [batch, keep - 1]."""
     labels = batch["labels"]
     is_target = labels != IGNORE_INDEX
     first = int(is_target.float().argmax(dim=1).min()) if bool(is_target.any()) else labels.shape[1] - 1
-    keep = labels.shape[1] - first + 1
+    start = max(first, 1)  # the first token of a row is never predicted
+    targets = labels[:, start:]
+    mask = targets != IGNORE_INDEX
     inputs = {k: v for k, v in batch.items() if k != "labels"}
+    path = head_path(model)
+    if path is not None:
+        decoder, weight = path
+        hidden = decoder(**inputs, use_cache=False).last_hidden_state[:, start - 1 : -1]
+        losses = HeadCrossEntropy.apply(hidden[mask], weight, targets[mask])
+        return torch.zeros(targets.shape, dtype=losses.dtype, device=losses.device).masked_scatter(mask, losses), mask
+    keep = labels.shape[1] - start + 1
     logits = model(**inputs, logits_to_keep=last_positions(labels.shape[1], keep, labels.device)).logits[:, :-1]
-    targets = labels[:, labels.shape[1] - logits.shape[1] :]
     # Flattened to [tokens, vocab], not transposed to [batch, vocab, tokens]: the softmax then runs over
     # contiguous rows, 3x faster on a CPU for a 49k vocabulary, in the backward pass too (`make bench`).
     losses = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                                ignore_index=IGNORE_INDEX, reduction="none").view(targets.shape)
-    return losses, targets != IGNORE_INDEX
+    return losses, mask
