@@ -8,14 +8,14 @@ arena of its own, where blocks this large are mapped anew every time whatever ma
 from __future__ import annotations
 
 import os
-import platform
 import resource
 import subprocess
 import sys
 
 import pytest
 
-pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc allocator setting")
+from fedpit import memory
+from fedpit.errors import ConfigError
 
 SECOND_FILL_FAULTS = """
 import resource, torch
@@ -54,3 +54,14 @@ def test_opting_out_keeps_glibcs_default_a_fresh_mapping_each_time():
     on, faults = _second_fill("0")
     assert not on and faults > pages_of(192) // 2
 
+
+
+def test_other_c_libraries_and_a_bad_setting(monkeypatch):
+    """Off without glibc (mallopt's parameters are glibc's); a value other than 0 or 1 is refused by name."""
+    monkeypatch.setattr(memory, "_applied", False)
+    monkeypatch.setattr(memory.platform, "libc_ver", lambda: ("musl", "1.2"))
+    monkeypatch.setattr(memory.ctypes, "CDLL", lambda *a: pytest.fail("mallopt called on another C library"))
+    assert memory.keep_freed_memory() is False
+    monkeypatch.setenv("FEDPIT_KEEP_FREED_MEMORY", "false")
+    with pytest.raises(ConfigError, match="FEDPIT_KEEP_FREED_MEMORY='false': set it to 1 .* or 0"):
+        memory.keep_freed_memory()

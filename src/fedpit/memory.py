@@ -25,6 +25,8 @@ import logging
 import os
 import platform
 
+from fedpit.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 _M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
@@ -37,7 +39,11 @@ def keep_freed_memory() -> bool:
     global _applied
     if _applied:
         return True
-    if os.environ.get("FEDPIT_KEEP_FREED_MEMORY", "1") == "0" or platform.libc_ver()[0] != "glibc":
+    setting = os.environ.get("FEDPIT_KEEP_FREED_MEMORY", "1").strip()
+    if setting not in ("0", "1"):
+        raise ConfigError(f"FEDPIT_KEEP_FREED_MEMORY={setting!r}: set it to 1 (keep freed memory, the default) or 0 "
+                          "(glibc's defaults), or unset it")
+    if setting == "0" or platform.libc_ver()[0] != "glibc":
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
