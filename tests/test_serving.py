@@ -211,13 +211,18 @@ def test_leaving_running_closes_kept_alive_connections_and_ends_every_thread(ser
     context = server.running()
     context.__enter__()
     connection = http.client.HTTPConnection(*server.server_address, timeout=10)
-    connection.request("GET", "/health")
-    assert json.loads(connection.getresponse().read()) == {"status": "ok"}  # the connection stays open
     stopper = threading.Thread(target=context.__exit__, args=(None, None, None))
-    stopper.start()
-    stopper.join(timeout=20)
-    assert not stopper.is_alive(), "leaving the block waited for the client to hang up"
-    assert not any(t.is_alive() for t in server._handlers)
-    with pytest.raises((http.client.HTTPException, ConnectionError)):  # the server closed its end
+    try:
         connection.request("GET", "/health")
-        connection.getresponse()
+        assert json.loads(connection.getresponse().read()) == {"status": "ok"}  # the connection stays open
+        stopper.start()
+        stopper.join(timeout=20)
+        assert not stopper.is_alive(), "leaving the block waited for the client to hang up"
+        assert not any(t.is_alive() for t in server._handlers)
+        with pytest.raises((http.client.HTTPException, ConnectionError)):  # the server closed its end
+            connection.request("GET", "/health")
+            connection.getresponse()
+    finally:
+        connection.close()  # on a failure too: the handler's read ends, and with it the server's threads
+        if stopper.is_alive():
+            stopper.join(timeout=20)

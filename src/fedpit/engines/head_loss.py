@@ -2,9 +2,9 @@
 
 The largest tensors of a training step are the LM head's logits over the vocabulary (49k for
 SmolLM2), their fp32 copy for the softmax, its output and the gradients of each: about 0.7 GB for
-a batch of 8 SmolLM2 examples, all allocated anew every step. Too large for the C allocator to keep
-reliably (`fedpit.memory`), they were page-faulted in again on most steps, which a torch profile
-showed costing up to a third of a second per copy on a virtual machine.
+a batch of 8 SmolLM2 examples, all allocated anew every step. The C allocator does not reliably
+reuse blocks that large (`fedpit.memory`); when a step page-faults them in again it pays for it (in
+one torch profile, a third of a second per copy of the logits).
 
 Here no [tokens, vocabulary] tensor is ever whole. The gradient of a token's cross-entropy with
 respect to its logits is softmax − one-hot, whatever is done with the loss afterwards (a caller
