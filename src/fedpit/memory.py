@@ -5,7 +5,8 @@ glibc serves every allocation above 32 MiB with a fresh `mmap` and gives it back
 gradient are such allocations (hundreds of MiB on SmolLM2), so every step the kernel zero-fills
 them again, page by page, on the step's critical path. With `mmap` off for the allocator and
 trimming deferred, freed blocks stay in the heap and the next step reuses them: bf16 training on
-2 cores ran at 1.3x its tokens/s in `make bench` (docs/performance.md). The price is that the
+2 cores ran at 1.26x; with the chunked LM-head loss (engines/head_loss.py), which removes the largest
+of those tensors, at 1.10x, not significant (`benchmarks/training_ab.py --lever memory`). The price is that the
 process keeps its peak memory until it exits, which a process that trains reaches every step anyway.
 
 Limits, both glibc's: a thread other than the main one (or the main thread after an allocation
