@@ -8,7 +8,7 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src" / "fedpit"
 
 LAYERS = [
-    {"errors", "types", "seeding", "registry", "textmetrics", "faults", "dropout", "memory", "attention"},
+    {"errors", "types", "seeding", "registry", "textmetrics", "faults", "dropout", "memory", "attention", "packed"},
     {"config"},
     {"model", "prompts", "data"},
     {"engines"},

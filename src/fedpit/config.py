@@ -36,6 +36,7 @@ class ModelConfig:
     trust_remote_code: bool = False
     cache_dir: str = ""
     merge_for_inference: bool = True
+    pack_for_inference: bool = True
     quantization: str = "none"
 
 

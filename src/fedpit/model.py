@@ -24,6 +24,7 @@ from fedpit.config import LoraConfig, ModelConfig
 from fedpit.dropout import use_fast_dropout
 from fedpit.errors import ModelError
 from fedpit.memory import keep_freed_memory
+from fedpit.packed import pack_linears, unpack
 from fedpit.types import AdapterState
 
 log = logging.getLogger(__name__)
@@ -141,9 +142,12 @@ class ModelHandle:
     model_config: ModelConfig | None = None
     lora_config: LoraConfig | None = None
     merge_for_inference: bool = True
+    pack_for_inference: bool = True
+    """bf16 on a CPU: linear layers run on weights packed for oneDNN inside `inference()` (packed.py)."""
     master: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     """fp32 values of the adapter when the LoRA layers hold a lower-precision copy; empty in fp32."""
     _merged: bool = field(default=False, repr=False)
+    _inside: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
         if any(p.dtype != torch.float32 for p in self.lora_params.values()):
@@ -195,30 +199,37 @@ class ModelHandle:
         reversible, unlike peft's merge/unmerge, which re-rounds the base weights in bf16 every time.
         Without the extra LoRA matmuls and wrappers decoding is ~1.4x faster on CPU (`make bench`).
         The merged copy of the targeted weights lives only inside the block. Quantised base layers
-        (bitsandbytes) cannot be merged and run unmerged. Re-entrant: an inner block is a no-op.
+        (bitsandbytes) cannot be merged and run unmerged. Then, on a CPU in bf16, every frozen linear
+        layer is swapped for one with its weight packed for oneDNN (`packed.py`), exactly as reversibly.
+        Re-entrant: an inner block is a no-op.
         """
         self.model.eval()
-        if self._merged or not self.merge_for_inference:
+        if self._inside:
             with torch.inference_mode():
                 yield
             return
-        swapped = []
+        swapped, packed = [], []
         try:
+            self._inside = True
             with torch.no_grad():
-                for name, parent, attr, layer in _lora_layers(self.model):
-                    # B·A from the fp32 masters where the layers hold a bf16 copy: one rounding, not two
-                    factors = [self.master.get(f"{name}.lora_{x}.weight") for x in "AB"] if self.master else None
-                    merged = _merged_linear(layer, *(factors or (None, None)))
-                    if merged is not None:
-                        setattr(parent, attr, merged)
-                        swapped.append((parent, attr, layer))
-            self._merged = True
+                if self.merge_for_inference:
+                    for name, parent, attr, layer in _lora_layers(self.model):
+                        # B·A from the fp32 masters where the layers hold a bf16 copy: one rounding, not two
+                        factors = [self.master.get(f"{name}.lora_{x}.weight") for x in "AB"] if self.master else None
+                        merged = _merged_linear(layer, *(factors or (None, None)))
+                        if merged is not None:
+                            setattr(parent, attr, merged)
+                            swapped.append((parent, attr, layer))
+                    self._merged = True
+                if self.pack_for_inference:
+                    packed = pack_linears(self.model)
             with torch.inference_mode():
                 yield
         finally:
+            unpack(packed)
             for parent, attr, layer in swapped:
                 setattr(parent, attr, layer)
-            self._merged = False
+            self._merged = self._inside = False
 
     def compatible(self, model_config: ModelConfig, lora_config: LoraConfig) -> bool:
         """Whether this handle can serve a run with these settings (so a comparison loads once)."""
@@ -320,7 +331,8 @@ def load_model(model_config: ModelConfig, lora_config: LoraConfig, seed: int = 0
     lora_params = {_strip_adapter_name(n): p for n, p in model.named_parameters() if p.requires_grad}
     return ModelHandle(model=model, tokenizer=tokenizer, device=device, lora_params=lora_params,
                        model_config=model_config, lora_config=lora_config,
-                       merge_for_inference=model_config.merge_for_inference)
+                       merge_for_inference=model_config.merge_for_inference,
+                       pack_for_inference=model_config.pack_for_inference)
 
 
 def quantization_kwargs(mode: str, device: torch.device, dtype: torch.dtype) -> dict:

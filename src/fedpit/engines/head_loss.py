@@ -26,6 +26,8 @@ import weakref
 import torch
 from torch import nn
 
+from fedpit.packed import PackedLinear
+
 CHUNK_ELEMENTS = 1 << 24  # logits per chunk (64 MiB in fp32): ~340 SmolLM2 tokens, where the matmuls run at full rate
 _PROBE_IDS = [[1, 2, 3, 4, 5]]
 _probed: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
@@ -66,7 +68,8 @@ def head_path(model: nn.Module) -> tuple[nn.Module, torch.Tensor] | None:
     exactly and the head is frozen; None otherwise (then the caller asks the model for logits)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-    if type(head) is not nn.Linear or head.bias is not None or head.weight.requires_grad:
+    # inside `ModelHandle.inference()` a bf16 CPU head is a PackedLinear, computing exactly what its weight does
+    if type(head) not in (nn.Linear, PackedLinear) or head.bias is not None or head.weight.requires_grad:
         return None
     decoder = base.get_decoder()
     if decoder is base:
