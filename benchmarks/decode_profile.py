@@ -71,6 +71,8 @@ def main() -> None:
         name, shapes = event.key, event.input_shapes
         if name == "aten::mm" and shapes and len(shapes[1]) == 2:
             kind = "LM head" if vocab in shapes[1] else f"linear {shapes[1][0]}->{shapes[1][1]}"
+        elif name == "mkldnn::_linear_pointwise" and shapes and len(shapes[1]) == 2:  # packed weights (packed.py)
+            kind = "LM head" if vocab in shapes[1] else f"linear {shapes[1][1]}->{shapes[1][0]}"
         elif "scaled_dot_product" in name:
             kind = "attention (SDPA)"
         else:

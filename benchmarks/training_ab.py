@@ -114,14 +114,18 @@ def spread(values: list[float]) -> str:
     return f"{statistics.median(values):.1f} ({min(values):.1f}–{max(values):.1f})"
 
 
-def report(lever: str, runs: dict[bool, list[dict]]) -> None:
-    on, off = ([r["tokens_per_s"] for r in runs[side]] for side in (True, False))
-    pairs = [a / b for a, b in zip(on, off)]
+def report(lever: str, runs: dict[bool, list[dict]], key: str = "tokens_per_s", lower_is_better: bool = False) -> None:
+    """Medians of `key` with and without the lever, and the lever's speed-up per alternated pair (with /
+    without for a rate, without / with for `lower_is_better` times) with a bootstrap 95% CI."""
+    on, off = ([r[key] for r in runs[side]] for side in (True, False))
+    pairs = [b / a if lower_is_better else a / b for a, b in zip(on, off)]
     low, high = bootstrap((pairs,), statistics.median, confidence_level=0.95, method="percentile",
                           random_state=0).confidence_interval
-    print(f"lever {lever}: tokens/s with {spread(on)}, without {spread(off)}")
-    print(f"  ratio of medians {statistics.median(on) / statistics.median(off):.3f}; faster in "
-          f"{sum(p > 1 for p in pairs)} of {len(pairs)} pairs; median pair ratio {statistics.median(pairs):.3f}, "
+    print(f"lever {lever}: {key} with {spread(on)}, without {spread(off)}")
+    medians = statistics.median(off) / statistics.median(on) if lower_is_better else \
+        statistics.median(on) / statistics.median(off)
+    print(f"  speed-up, ratio of medians {medians:.3f}; faster in {sum(p > 1 for p in pairs)} of {len(pairs)} pairs; "
+          f"median pair ratio {statistics.median(pairs):.3f}, "
           f"95% CI {low:.3f}–{high:.3f}{'' if low > 1 or high < 1 else ' (includes 1: not significant)'}")
     if "peak_growth_mib" in runs[True][0]:
         growth = {side: [r["peak_growth_mib"] for r in runs[side]] for side in (True, False)}

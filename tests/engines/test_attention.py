@@ -134,3 +134,64 @@ def test_a_bf16_cpu_model_gets_it_and_trains_as_with_sdpa(bf16_handle):
     for key, grad in ours_grads.items():
         assert torch.isfinite(grad).all()
         torch.testing.assert_close(grad, want_grads[key], atol=0.05, rtol=0.1)
+
+
+def additive(mask: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(mask.shape, dtype=BF16).masked_fill(~mask, torch.finfo(BF16).min)
+
+
+@pytest.mark.parametrize(("length", "keys", "kind"), [(150, 150, "padded"), (150, 150, None), (130, 170, "padded"),
+                                                      (150, 150, "additive"), (65, 65, "padded")])
+def test_a_bf16_prefill_runs_in_causal_blocks_and_matches_sdpa(monkeypatch, length, keys, kind):
+    """Without gradients, a prefill longer than a block runs block by block, each block reading only the
+    keys up to its last query; the values are SDPA's (fp32 reference) at every real query."""
+    torch.manual_seed(3)
+    heads, kv_heads, dim = 6, 2, 16
+    query = torch.randn(len(PADS), heads, length, dim).to(BF16)
+    key, value = (torch.randn(len(PADS), kv_heads, keys, dim).to(BF16) for _ in range(2))
+    mask = None if kind is None else padded_mask(length, keys)
+    calls = []
+    real_matmul = attention.matmul_attention
+    monkeypatch.setattr(attention, "matmul_attention", lambda q, k, *a: calls.append(k.shape[2]) or real_matmul(q, k, *a))
+    with torch.no_grad():
+        got, _ = attention_forward(module(3), query, key, value, additive(mask) if kind == "additive" else mask,
+                                   scaling=dim**-0.5)
+    blocks = -(-length // attention.BLOCK)
+    assert calls == [min(keys, keys - length + (b + 1) * attention.BLOCK) for b in range(blocks)]
+    real = torch.ones(len(PADS), length, dtype=torch.bool)
+    if mask is not None:
+        for row, pad in enumerate(PADS):
+            real[row, : max(0, pad - (keys - length))] = False
+    want = reference(query, key, value, mask, dim**-0.5)
+    torch.testing.assert_close(got.float()[real], want[real], atol=2e-2, rtol=2e-2)
+
+
+def test_a_mask_that_is_not_causal_is_not_cropped(monkeypatch):
+    torch.manual_seed(4)
+    length, dim = 100, 16
+    query = torch.randn(2, 4, length, dim).to(BF16)
+    key, value = (torch.randn(2, 2, length, dim).to(BF16) for _ in range(2))
+    mask = torch.ones(2, 1, length, length, dtype=torch.bool)
+    mask[1, :, :, :5] = False  # padding, but every query sees every later key
+    calls = []
+    real_matmul = attention.matmul_attention
+    monkeypatch.setattr(attention, "matmul_attention", lambda q, k, *a: calls.append(k.shape[2]) or real_matmul(q, k, *a))
+    with torch.no_grad():
+        got, _ = attention_forward(module(2), query, key, value, mask, scaling=dim**-0.5)
+    assert calls == [length]
+    torch.testing.assert_close(got.float(), reference(query, key, value, mask, dim**-0.5), atol=2e-2, rtol=2e-2)
+
+
+def test_a_bf16_models_long_prefill_matches_sdpa(bf16_handle):
+    model = bf16_handle.model
+    ids = torch.randint(5, 1000, (2, 3 * attention.BLOCK), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(ids)
+    mask[1, :20] = 0
+    real = mask.bool()
+    logits = {}
+    with bf16_handle.inference():
+        for impl in (ATTENTION, "sdpa"):
+            model.set_attn_implementation(impl)
+            logits[impl] = model(input_ids=ids, attention_mask=mask).logits.float()
+    model.set_attn_implementation(ATTENTION)
+    torch.testing.assert_close(logits[ATTENTION][real], logits["sdpa"][real], atol=0.05, rtol=0.05)

@@ -1,0 +1,73 @@
+"""One generation lever on and off, on `make bench`'s self-generation workload, alternated: what it is worth.
+
+    python benchmarks/generation_ab.py --lever packing|prefill_attention [--repeats 7]
+
+Each repeat answers the bench's 32 response prompts (16 rows at a time, at most 128 new tokens, the
+bench's stop strings and repetition penalty) once with the lever and once without, the order
+alternated, in one process. `packing` is `model.pack_for_inference` (packed.py); `prefill_attention`
+is the blocked bf16 prefill attention (attention.py), without which prefills take SDPA. Prints what
+training_ab.py prints, for new tokens/s, and the seconds per call: a lever that changes bf16 numbers
+(prefill_attention) may change the text, and with it how many tokens there are to count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from baselines import count_tokens  # noqa: E402
+from bench import BASE, REPO, response_prompts  # noqa: E402
+from training_ab import report  # noqa: E402
+
+from fedpit import attention  # noqa: E402
+from fedpit import config as config_mod  # noqa: E402
+from fedpit.config import SynthConfig  # noqa: E402
+from fedpit.engines.generation import DecodingOptions, generate  # noqa: E402
+from fedpit.runtimes.local import prepare  # noqa: E402
+
+LEVERS = ("packing", "prefill_attention")
+BLOCKED = attention.uses_blocked_attention
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lever", choices=LEVERS, required=True)
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    exp = prepare(config_mod.load(REPO / "configs" / "demo.toml", BASE))
+    handle = exp.handle
+    prompts = response_prompts(exp, SynthConfig().num_candidates)
+    options = DecodingOptions(max_new_tokens=128, stop_strings=tuple(exp.fmt.stop_strings), repetition_penalty=1.2)
+
+    def switch(on: bool) -> None:
+        if args.lever == "packing":
+            handle.pack_for_inference = on
+        else:
+            attention.uses_blocked_attention = BLOCKED if on else (lambda *a: False)
+
+    def call() -> dict:
+        began = time.perf_counter()
+        outputs = generate(handle, prompts, options, batch_size=SynthConfig().batch_size)
+        seconds = time.perf_counter() - began
+        return {"tokens_per_s": count_tokens(handle.tokenizer, outputs) / seconds, "seconds": seconds}
+
+    for on in (True, False):  # warm-up: kernel selection
+        switch(on)
+        call()
+    runs: dict[bool, list[dict]] = {True: [], False: []}
+    for repeat in range(args.repeats):
+        for on in (True, False) if repeat % 2 == 0 else (False, True):
+            switch(on)
+            runs[on].append(call())
+    report(args.lever, runs)
+    report(args.lever, runs, key="seconds", lower_is_better=True)
+
+
+if __name__ == "__main__":
+    main()
