@@ -120,33 +120,35 @@ def bench_generation(exp, repeats: int, num_prompts: int) -> dict:
 
     Baseline: transformers' `generate` on the PEFT model (LoRA unmerged), one prompt at a time, what a
     plain implementation does. Between them: the same `generate` in static batches of 16, our decode
-    loop in static batches (no prompt joins a batch mid-decode), and our decode loop without the merged
-    adapter, so the table shows what each step is worth. The llama.cpp
+    loop in static batches (no prompt joins a batch mid-decode), without weights packed for oneDNN
+    (packed.py; bf16 on a CPU) and without the merged adapter, so the table shows what each step is
+    worth. The baselines run as a plain implementation would: unmerged, unpacked. The llama.cpp
     row decodes the same prompts in 16 slots, a slot taking the next prompt as its row ends."""
     handle, fmt = exp.handle, exp.fmt
     prompts = response_prompts(exp, num_prompts)
     prompt_tokens = statistics.mean(len(handle.tokenizer(p)["input_ids"]) for p in prompts)
     stops = tuple(fmt.stop_strings)
 
-    def run(backend: str, batch_size: int, merged: bool, continuous: bool = True):
+    def run(backend: str, batch_size: int, merged: bool, continuous: bool = True, packed: bool = True):
         options = DecodingOptions(max_new_tokens=128, stop_strings=stops, repetition_penalty=1.2, backend=backend,
                                   continuous_batching=continuous)
 
         def call():
-            handle.merge_for_inference = merged
+            handle.merge_for_inference, handle.pack_for_inference = merged, packed
             try:
                 return generate(handle, prompts, options, batch_size=batch_size)
             finally:
-                handle.merge_for_inference = True
+                handle.merge_for_inference = handle.pack_for_inference = True
         return call
 
     rows = SynthConfig().batch_size
     variants = {
         "fedpit": run("fedpit", rows, merged=True),
         "fedpit_static_batches": run("fedpit", rows, merged=True, continuous=False),
+        "fedpit_unpacked": run("fedpit", rows, merged=True, packed=False),
         "fedpit_unmerged": run("fedpit", rows, merged=False),
-        "generate_batched": run("hf", rows, merged=False),
-        "generate_one_at_a_time": run("hf", 1, merged=False),
+        "generate_batched": run("hf", rows, merged=False, packed=False),  # what a plain implementation runs
+        "generate_one_at_a_time": run("hf", 1, merged=False, packed=False),
     }
     llama, llama_missing = llama_cpp_variant(exp, prompts, stops, rows)
     if llama is not None:
@@ -422,6 +424,7 @@ def print_table(r: dict) -> None:
         rows = g.get("rows_at_a_time", 32)
         for name, label, target in (("fedpit", "ours", ">= 15x"),
                                     ("fedpit_static_batches", f"ours, static batches of {rows}", ""),
+                                    ("fedpit_unpacked", "ours, weights not packed", ""),
                                     ("fedpit_unmerged", "ours, LoRA unmerged", ""),
                                     ("generate_batched", f"generate, batches of {rows}", "reference")):
             if name not in gen:  # a results file from before this variant existed
