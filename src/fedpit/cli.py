@@ -150,7 +150,16 @@ def cmd_flower(args: argparse.Namespace) -> int:
             app = dep.write_app(home / "app")
             submitted = dep.write_submission(home, Path(args.run_dir), config_mod.dumps(config))
             command = dep.submit_command(app, submitted, Path(args.run_dir), args.clients, args.resume)
-            subprocess.run(command, env=env, check=False, timeout=args.timeout)  # streams the ServerApp's log
+            received: list[int] = []  # `flwr run` streams the ServerApp's log, in a process group of its own
+            began = time.monotonic()
+            dep.run_foreground(command, env, timeout=args.timeout, received=received)
+            if received:  # Ctrl-C or a service manager's SIGTERM: stop following the run, now
+                print(f"stopped following the run; it goes on at the SuperLink until it ends (`flwr stop` ends it): "
+                      f"{args.run_dir}", file=sys.stderr)
+                return 128 + received[0]
+            if time.monotonic() - began >= args.timeout:
+                print(f"fedpit: no result after --timeout {args.timeout:g} s: {args.run_dir}", file=sys.stderr)
+                return 1
             # `flwr run --stream` exits 0 even when the ServerApp failed: the run directory says how it ended.
             status = dep.wait_for_run(Path(args.run_dir), timeout=30)
             print(f"run {status['status']}: {args.run_dir}")

@@ -136,6 +136,13 @@ def test_a_bf16_cpu_model_gets_it_and_trains_as_with_sdpa(bf16_handle):
         torch.testing.assert_close(grad, want_grads[key], atol=0.05, rtol=0.1)
 
 
+def keys_per_matmul_call(monkeypatch) -> list[int]:
+    """The number of keys each `matmul_attention` call reads, appended as the calls happen."""
+    calls, real = [], attention.matmul_attention
+    monkeypatch.setattr(attention, "matmul_attention", lambda q, k, *a: calls.append(k.shape[2]) or real(q, k, *a))
+    return calls
+
+
 def additive(mask: torch.Tensor) -> torch.Tensor:
     return torch.zeros(mask.shape, dtype=BF16).masked_fill(~mask, torch.finfo(BF16).min)
 
@@ -150,9 +157,7 @@ def test_a_bf16_prefill_runs_in_causal_blocks_and_matches_sdpa(monkeypatch, leng
     query = torch.randn(len(PADS), heads, length, dim).to(BF16)
     key, value = (torch.randn(len(PADS), kv_heads, keys, dim).to(BF16) for _ in range(2))
     mask = None if kind is None else padded_mask(length, keys)
-    calls = []
-    real_matmul = attention.matmul_attention
-    monkeypatch.setattr(attention, "matmul_attention", lambda q, k, *a: calls.append(k.shape[2]) or real_matmul(q, k, *a))
+    calls = keys_per_matmul_call(monkeypatch)
     with torch.no_grad():
         got, _ = attention_forward(module(3), query, key, value, additive(mask) if kind == "additive" else mask,
                                    scaling=dim**-0.5)
@@ -173,9 +178,7 @@ def test_a_mask_that_is_not_causal_is_not_cropped(monkeypatch):
     key, value = (torch.randn(2, 2, length, dim).to(BF16) for _ in range(2))
     mask = torch.ones(2, 1, length, length, dtype=torch.bool)
     mask[1, :, :, :5] = False  # padding, but every query sees every later key
-    calls = []
-    real_matmul = attention.matmul_attention
-    monkeypatch.setattr(attention, "matmul_attention", lambda q, k, *a: calls.append(k.shape[2]) or real_matmul(q, k, *a))
+    calls = keys_per_matmul_call(monkeypatch)
     with torch.no_grad():
         got, _ = attention_forward(module(2), query, key, value, mask, scaling=dim**-0.5)
     assert calls == [length]

@@ -167,7 +167,7 @@ def test_submit_sends_the_config_with_its_overrides(tmp_path, monkeypatch):
     from fedpit.cli import main
 
     sent = []
-    monkeypatch.setattr(subprocess, "run", lambda command, **kw: sent.append(command))
+    monkeypatch.setattr(deployment, "run_foreground", lambda command, env, **kw: sent.append(command) or 0)
     monkeypatch.setattr(deployment, "wait_for_run", lambda run_dir, timeout: {"status": "complete"})
     monkeypatch.setattr(deployment, "check_superlink", lambda *args, **kwargs: None)  # no SuperLink here
     assert main(["flower", "--flwr-home", str(tmp_path / "home"), "submit", "configs/demo.toml", "--set",
@@ -223,6 +223,38 @@ def test_sigterm_to_the_superlink_helper_stops_every_flower_process(tmp_path):
         if helper.poll() is None:
             helper.kill()
         for pid in spawned | _descendants(helper.pid):  # only what this test started, by PID
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_a_flower_process_that_ignores_a_stop_signal_is_terminated_then_killed(tmp_path):
+    """Ctrl-C reaches the helper, which forwards it; a Flower process that does not end on it (the
+    SuperLink's web server waiting for a streaming client to hang up) gets SIGTERM `grace` seconds later,
+    and SIGKILL after another `grace`, so the helper, and a script waiting for it, ends."""
+    import signal
+    import sys
+
+    stubborn = ("import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+                "signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(120)")
+    helper_code = ("import os, sys; from fedpit.runtimes.flower.deployment import run_foreground; "
+                   f"sys.exit(run_foreground([sys.executable, '-c', {stubborn!r}], dict(os.environ), grace=1.0) & 255)")
+    helper = subprocess.Popen([sys.executable, "-c", helper_code], stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    spawned: set[int] = set()
+    try:
+        assert helper.stdout.readline().strip() == "ready"
+        spawned = _descendants(helper.pid)
+        assert spawned
+        began = time.monotonic()
+        helper.send_signal(signal.SIGINT)
+        code = helper.wait(timeout=30)
+        assert time.monotonic() - began < 15
+        assert code == -signal.SIGKILL & 255  # the leader's own end: killed, as it ignored INT and TERM
+        assert not [pid for pid in spawned if _alive(pid)]
+    finally:
+        if helper.poll() is None:
+            helper.kill()
+        for pid in spawned:  # only what this test started, by PID
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
 

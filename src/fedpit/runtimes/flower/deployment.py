@@ -245,11 +245,18 @@ def submit_command(app_dir: Path, config: Path, run_dir: Path, clients: int, res
 
 
 def run_foreground(command: list[str], env: dict[str, str], grace: float = 15.0,
-                   diagnose: Callable[[str], str | None] | None = None) -> int:
+                   diagnose: Callable[[str], str | None] | None = None, timeout: float | None = None,
+                   received: list[int] | None = None) -> int:
     """Run a Flower process in the foreground as the leader of its own process group, and pass SIGTERM
     (what a service manager sends) and SIGINT (Ctrl-C) on to that whole group: flower-superlink and
     flower-supernode start flower-superexec processes that would otherwise outlive a stopped helper.
     Waits for the group to end; what is still there `grace` seconds after the leader ended is killed.
+    A leader that has not ended `grace` seconds after a forwarded signal gets SIGTERM, and SIGKILL
+    `grace` later: the SuperLink's web server, told to stop, waits for open connections to close, and
+    a `flwr run` streaming its log from it keeps one open, so without this a Ctrl-C could leave the
+    helper, and a script waiting for it, waiting forever. After `timeout` seconds the group gets SIGTERM
+    the same way. The handlers are installed even where the signals were ignored at startup (a
+    background job of a script ignores SIGINT). `received` collects the signals the helper was sent.
     With `diagnose`, the output passes through it line by line, and the cause it names is printed
     when the process fails."""
     if diagnose is None:
@@ -262,27 +269,53 @@ def run_foreground(command: list[str], env: dict[str, str], grace: float = 15.0,
         reader = threading.Thread(target=_relay, args=(process, diagnose, causes), daemon=True)
         reader.start()
 
-    def signal_group(signum: int, _frame=None) -> None:
+    forwarded: list[float] = []  # when a stop signal was last sent to the group
+
+    def forward(signum: int) -> None:
+        forwarded.append(time.monotonic())
         try:
             os.killpg(process.pid, signum)
         except ProcessLookupError:
             pass
 
-    previous = {sig: signal.signal(sig, signal_group) for sig in (signal.SIGTERM, signal.SIGINT)}
+    def on_signal(signum: int, _frame) -> None:
+        if received is not None:
+            received.append(signum)
+        forward(signum)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        code = process.wait()  # a forwarded signal does not interrupt the wait (PEP 475)
+        code = _wait_escalating(process, forwarded, grace, forward,
+                                None if timeout is None else time.monotonic() + timeout)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        signal_group(signal.SIGTERM)
+        forward(signal.SIGTERM)
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline and _group_alive(process.pid):
             time.sleep(0.2)
         if _group_alive(process.pid):
-            signal_group(signal.SIGKILL)
+            forward(signal.SIGKILL)
     if code != 0 and causes:
         print(f"fedpit: {causes[-1]}", file=sys.stderr)
     return code
+
+
+def _wait_escalating(process: subprocess.Popen, forwarded: list[float], grace: float,
+                     send: Callable[[int], None], deadline: float | None) -> int:
+    """The leader's exit code; while it runs, a stop signal `grace` seconds old is followed by SIGTERM,
+    and that by SIGKILL (`send` forwards to the group and notes the time), and a passed `deadline`
+    counts as a SIGTERM."""
+    escalation = [signal.SIGTERM, signal.SIGKILL]
+    while True:
+        try:
+            return process.wait(timeout=0.2)  # a forwarded signal does not interrupt the wait (PEP 475)
+        except subprocess.TimeoutExpired:
+            pass
+        if not forwarded and deadline is not None and time.monotonic() > deadline:
+            send(signal.SIGTERM)
+        elif forwarded and escalation and time.monotonic() - forwarded[-1] > grace:
+            send(escalation.pop(0))
 
 
 def _relay(process: subprocess.Popen, diagnose: Callable[[str], str | None], causes: list[str]) -> None:
