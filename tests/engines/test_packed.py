@@ -117,11 +117,16 @@ def test_inference_packs_bf16_layers_with_the_same_logits_and_puts_them_back(tin
     assert len(packed_layers) == lora_layers + 1  # every merged projection and the LM head
     assert not any(isinstance(m, PackedLinear) for m in handle.model.modules())
     assert sum(isinstance(m, LoraLayer) for m in handle.model.modules()) == lora_layers
-    with_packing = _logits(handle, ids)
-    handle.pack_for_inference = False
-    without = _logits(handle, ids)
-    assert torch.equal(with_packing, without)
-    handle.pack_for_inference = True
+    for merged in (True, False):  # unmerged, the LoRA layers' frozen base layers are packed
+        handle.merge_for_inference = merged
+        with handle.inference():
+            assert sum(isinstance(m, PackedLinear) for m in handle.model.modules()) == lora_layers + 1
+        with_packing = _logits(handle, ids)
+        handle.pack_for_inference = False
+        without = _logits(handle, ids)
+        assert torch.equal(with_packing, without)
+        handle.pack_for_inference = True
+    handle.merge_for_inference = True
     prompts = ["one", "two words here", "a longer prompt than the others, with commas"]
     options = DecodingOptions(max_new_tokens=12, repetition_penalty=1.2)
     generated = generate(handle, prompts, options, batch_size=2)
