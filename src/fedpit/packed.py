@@ -3,14 +3,14 @@
 A bf16 `F.linear` on a CPU goes to oneDNN, which reorders the weight into its blocked layout on every
 call. In a decode step that reorder costs about as much as the product itself: 30 layers' worth of
 SmolLM2's 576x1536 weights took 22 ms for 16 rows as plain `F.linear` and 11 ms with the weights
-packed once (an AVX512-BF16 CPU, 2 threads), and a prefill's products ran ~30% faster. Packing
+packed once (an AVX512-BF16 CPU, 2 threads), and a 16-prompt prefill's products ~15% faster. Packing
 changes the layout only, not the arithmetic: the outputs are bitwise those of `F.linear` (tested).
 fp32 goes to MKL instead, where a packed oneDNN product is faster too but not bitwise equal, so fp32
 models are left alone: their greedy output stays token-identical to the plain engine.
 
 The packed copy is made when `ModelHandle.inference()` begins (the merged adapter changes the weights
 every round) and dropped when it ends; it costs one more copy of the linear weights meanwhile, and
-about 0.1 s of packing for SmolLM2 per block, which a generation earns back within a few decode steps.
+about 0.1 s of packing for SmolLM2 per block, which a generation earns back in about ten decode steps.
 The operators are torch's private ones that `torch.compile` uses for frozen CPU graphs, so
 `packing_available` probes them once on a small product and compares bits; where they are missing,
 fail, or disagree, layers stay as they are.
