@@ -1,11 +1,12 @@
 """One generation lever on and off, on `make bench`'s self-generation workload, alternated: what it is worth.
 
-    python benchmarks/generation_ab.py --lever packing|prefill_attention [--repeats 7]
+    python benchmarks/generation_ab.py --lever packing|prefill_attention|continuous [--repeats 7]
 
 Each repeat answers the bench's 32 response prompts (16 rows at a time, at most 128 new tokens, the
 bench's stop strings and repetition penalty) once with the lever and once without, the order
 alternated, in one process. `packing` is `model.pack_for_inference` (packed.py); `prefill_attention`
-is the blocked bf16 prefill attention (attention.py), without which prefills take SDPA. Prints what
+is the blocked bf16 prefill attention (attention.py), without which prefills take SDPA; `continuous` is
+continuous batching (engines/continuous.py), without which prompts are decoded in static batches. Prints what
 training_ab.py prints, for new tokens/s, and the seconds per call: a lever that changes bf16 numbers
 (prefill_attention) may change the text, and with it how many tokens there are to count.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -30,7 +32,7 @@ from fedpit.config import SynthConfig  # noqa: E402
 from fedpit.engines.generation import DecodingOptions, generate  # noqa: E402
 from fedpit.runtimes.local import prepare  # noqa: E402
 
-LEVERS = ("packing", "prefill_attention")
+LEVERS = ("packing", "prefill_attention", "continuous")
 BLOCKED = attention.uses_blocked_attention
 
 
@@ -46,8 +48,11 @@ def main() -> None:
     options = DecodingOptions(max_new_tokens=128, stop_strings=tuple(exp.fmt.stop_strings), repetition_penalty=1.2)
 
     def switch(on: bool) -> None:
+        nonlocal options
         if args.lever == "packing":
             handle.pack_for_inference = on
+        elif args.lever == "continuous":
+            options = replace(options, continuous_batching=on)
         else:
             attention.uses_blocked_attention = BLOCKED if on else (lambda *a: False)
 
