@@ -346,20 +346,49 @@ def _demo(tmp_path: Path, config_file: Path, *extra: str) -> subprocess.Popen:
 
 def _watch(process: subprocess.Popen, timeout: float, until: str | None = None) -> tuple[str, set[int]]:
     """The script's output (up to the line containing `until`, or its end) and every process it had
-    started meanwhile, sampled each line."""
+    started meanwhile, sampled every line and every second. The deadline holds even when the script
+    prints nothing (its lines are read by a thread): then it gets TERM, so its trap stops what it started."""
+    import queue
     import signal
+    import threading
 
+    if not hasattr(process, "lines"):  # one reader per script, across calls
+        process.lines = queue.Queue()
+
+        def read() -> None:
+            for line in process.stdout:
+                process.lines.put(line)
+            process.lines.put(None)
+        threading.Thread(target=read, daemon=True).start()
     lines, seen = [], set()
     deadline = time.monotonic() + timeout
-    for line in process.stdout:
-        lines.append(line)
+    while time.monotonic() < deadline:
         seen |= _descendants(process.pid)
+        try:
+            line = process.lines.get(timeout=1.0)
+        except queue.Empty:
+            continue
+        if line is None:
+            return "".join(lines), seen
+        lines.append(line)
         if until and until in line:
-            break
-        if time.monotonic() > deadline:  # TERM, so the script's trap stops what it started
-            os.killpg(process.pid, signal.SIGTERM)
-            break
+            return "".join(lines), seen
+    os.killpg(process.pid, signal.SIGTERM)
     return "".join(lines), seen
+
+
+def _reap(process: subprocess.Popen, spawned: set[int]) -> list[int]:
+    """After a walkthrough, passed or failed: the script stopped (KILL to its group if still there) and
+    whatever it started that is still alive a minute later killed by PID; returns what was left."""
+    import signal
+
+    if process.poll() is None:
+        try:
+            process.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+    return _left_running(spawned)
 
 
 def _left_running(pids: set[int]) -> list[int]:
@@ -388,9 +417,12 @@ def test_the_federation_walkthrough_runs_three_institutions_with_tls_auth_and_se
     config_file = tmp_path / "experiment.toml"
     config_file.write_text(config_mod.dumps(config))
     process = _demo(tmp_path, config_file)
-    output, spawned = _watch(process, timeout=900)
-    code = process.wait(timeout=120)
-    left = _left_running(spawned)  # first, so a failing assertion below leaves nothing running
+    spawned: set[int] = set()
+    try:
+        output, spawned = _watch(process, timeout=900)
+    finally:
+        left = _reap(process, spawned | _descendants(process.pid))  # before any assertion: nothing left running
+    code = process.returncode
     assert code == 0, output[-4000:]
     assert "run complete" in output and "stopped 4 processes" in output, output[-2000:]
     run_dir = tmp_path / "demo" / "run"
@@ -411,13 +443,17 @@ def test_the_walkthrough_stops_everything_it_started_on_ctrl_c(tmp_path, tiny_ov
     config_file = tmp_path / "experiment.toml"
     config_file.write_text(config_mod.dumps(config))
     process = _demo(tmp_path, config_file)
-    output, spawned = _watch(process, timeout=300, until="5. submit")
-    time.sleep(5)
-    spawned |= _descendants(process.pid)
-    os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C sends to the foreground process group
-    rest, _ = _watch(process, timeout=120)
-    code = process.wait(timeout=120)
-    left = _left_running(spawned)
+    spawned: set[int] = set()
+    output = rest = ""
+    try:
+        output, spawned = _watch(process, timeout=300, until="5. submit")
+        time.sleep(5)
+        spawned |= _descendants(process.pid)
+        os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C sends to the foreground process group
+        rest, _ = _watch(process, timeout=120)
+    finally:
+        left = _reap(process, spawned | _descendants(process.pid))  # before any assertion: nothing left running
+    code = process.returncode
     assert code != 0
     assert "stopped 4 processes" in rest, output + rest
     assert len(spawned) > 8 and left == [], "Ctrl-C left a process running"
