@@ -145,6 +145,8 @@ def cmd_flower(args: argparse.Namespace) -> int:
             from fedpit import config as config_mod
             from fedpit.runtimes.flower.server_app import check_config
 
+            if args.timeout <= 0:
+                raise FedpitError(f"--timeout {args.timeout:g}: the seconds to wait for the run must be positive")
             config = _load_config(args)
             check_config(config)  # a bad config fails here, before anything is sent
             app = dep.write_app(home / "app")

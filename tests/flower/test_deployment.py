@@ -178,6 +178,38 @@ def test_submit_sends_the_config_with_its_overrides(tmp_path, monkeypatch):
     assert submitted.federation.rounds == 2 and submitted.method.options["beta"] == 0.25
 
 
+@pytest.mark.parametrize("ending", ["ctrl-c", "timeout", "bad timeout"])
+def test_submit_stops_following_the_run_at_once_on_ctrl_c_or_its_timeout(tmp_path, monkeypatch, capsys, ending):
+    """Ctrl-C on `fedpit flower submit` ends it at once (128 + SIGINT) without waiting for the run's
+    status; after --timeout it says so and fails; a --timeout that is not positive is refused first."""
+    import signal
+
+    import fedpit.runtimes.flower.deployment as deployment
+    from fedpit.cli import main
+
+    def follow(command, env, timeout=None, received=None, **kw):
+        if ending == "ctrl-c":
+            received.append(signal.SIGINT)
+        else:
+            time.sleep(timeout)
+        return 0
+    waited = []
+    monkeypatch.setattr(deployment, "run_foreground", follow)
+    monkeypatch.setattr(deployment, "wait_for_run", lambda run_dir, timeout: waited.append(run_dir))
+    monkeypatch.setattr(deployment, "check_superlink", lambda *args, **kwargs: None)  # no SuperLink here
+    timeout = {"ctrl-c": "60", "timeout": "0.2", "bad timeout": "0"}[ending]
+    code = main(["flower", "--flwr-home", str(tmp_path / "home"), "submit", "configs/demo.toml", "--superlink",
+                 "127.0.0.1:9", "--run-dir", str(tmp_path / "run"), "--timeout", timeout])
+    err = capsys.readouterr().err
+    assert waited == []
+    if ending == "ctrl-c":
+        assert code == 128 + signal.SIGINT and "stopped following the run" in err
+    elif ending == "timeout":
+        assert code == 1 and "no result after --timeout 0.2 s" in err
+    else:
+        assert code != 0 and "--timeout 0" in err and "must be positive" in err
+
+
 def _alive(pid: int) -> bool:
     """Running, not a zombie waiting to be reaped."""
     try:
