@@ -1,10 +1,11 @@
 """One training lever on and off, on `make bench`'s training workload, alternated: what the lever is worth.
 
-    python benchmarks/training_ab.py --lever attention|head_loss|memory [--repeats 7] [--dtype bf16]
+    python benchmarks/training_ab.py --lever attention|head_loss|dropout|memory [--repeats 7] [--dtype bf16]
 
 Each repeat trains one epoch over the bench's 32 MedQuAD examples (batch 8) from the same adapter,
 once with the lever and once without, the order alternated. `attention` and `head_loss` switch inside
 one process (the model's attention implementation; the chunked head loss or the model's logits);
+`dropout` swaps fedpit's LoRA dropout for peft's `nn.Dropout` of the same probability;
 `memory` cannot be switched back once set, so each of its runs is a fresh process with
 `FEDPIT_KEEP_FREED_MEMORY` 1 or 0. `--processes` runs any lever that way (a warm-up epoch, then a
 timed one), which also gives each run's peak memory. Prints the medians
@@ -32,13 +33,14 @@ from bench import BASE, REPO  # noqa: E402  (the bench's workload, shared)
 
 from fedpit import config as config_mod  # noqa: E402
 from fedpit.attention import ATTENTION  # noqa: E402
+from fedpit.dropout import FastDropout  # noqa: E402
 from fedpit.engines import encoding  # noqa: E402
 from fedpit.engines.encoding import encode_pair  # noqa: E402
 from fedpit.engines.training import TrainOptions, train_adapter  # noqa: E402
 from fedpit.model import load_model  # noqa: E402
 from fedpit.runtimes.local import prepare  # noqa: E402
 
-LEVERS = ("attention", "head_loss", "memory")
+LEVERS = ("attention", "head_loss", "dropout", "memory")
 
 
 class Workload:
@@ -69,6 +71,13 @@ def switch(work: Workload, lever: str, on: bool) -> None:
         work.handle.model.get_base_model().set_attn_implementation(ATTENTION if on else "sdpa")
     elif lever == "head_loss":
         encoding.head_path = HEAD_PATH if on else (lambda model: None)
+    elif lever == "dropout":
+        for module in work.handle.model.modules():
+            dropouts = getattr(module, "lora_dropout", None)
+            if isinstance(dropouts, torch.nn.ModuleDict):
+                for name, dropout in list(dropouts.items()):
+                    p = dropout.p
+                    dropouts[name] = FastDropout(p) if on else torch.nn.Dropout(p)
 
 
 HEAD_PATH = encoding.head_path
