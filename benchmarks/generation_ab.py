@@ -1,12 +1,13 @@
 """One generation lever on and off, on `make bench`'s self-generation workload, alternated: what it is worth.
 
-    python benchmarks/generation_ab.py --lever packing|prefill_attention|continuous [--repeats 7]
+    python benchmarks/generation_ab.py --lever packing|prefill_attention|continuous|rows [--rows 24] [--repeats 7]
 
 Each repeat answers the bench's 32 response prompts (16 rows at a time, at most 128 new tokens, the
 bench's stop strings and repetition penalty) once with the lever and once without, the order
 alternated, in one process. `packing` is `model.pack_for_inference` (packed.py); `prefill_attention`
 is the blocked bf16 prefill attention (attention.py), without which prefills take SDPA; `continuous` is
-continuous batching (engines/continuous.py), without which prompts are decoded in static batches. Prints what
+continuous batching (engines/continuous.py), without which prompts are decoded in static batches; `rows` decodes
+`--rows` rows at a time against `synth.batch_size`'s default. Prints what
 training_ab.py prints, for new tokens/s, and the seconds per call: a lever that changes bf16 numbers
 (prefill_attention) may change the text, and with it how many tokens there are to count.
 """
@@ -32,7 +33,7 @@ from fedpit.config import SynthConfig  # noqa: E402
 from fedpit.engines.generation import DecodingOptions, generate  # noqa: E402
 from fedpit.runtimes.local import prepare  # noqa: E402
 
-LEVERS = ("packing", "prefill_attention", "continuous")
+LEVERS = ("packing", "prefill_attention", "continuous", "rows")
 BLOCKED = attention.uses_blocked_attention
 
 
@@ -40,6 +41,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lever", choices=LEVERS, required=True)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--rows", type=int, default=24, help="rows at a time with the `rows` lever on")
     args = parser.parse_args()
     torch.manual_seed(0)
     exp = prepare(config_mod.load(REPO / "configs" / "demo.toml", BASE))
@@ -47,9 +49,13 @@ def main() -> None:
     prompts = response_prompts(exp, SynthConfig().num_candidates)
     options = DecodingOptions(max_new_tokens=128, stop_strings=tuple(exp.fmt.stop_strings), repetition_penalty=1.2)
 
+    rows = SynthConfig().batch_size
+
     def switch(on: bool) -> None:
-        nonlocal options
-        if args.lever == "packing":
+        nonlocal options, rows
+        if args.lever == "rows":
+            rows = args.rows if on else SynthConfig().batch_size
+        elif args.lever == "packing":
             handle.pack_for_inference = on
         elif args.lever == "continuous":
             options = replace(options, continuous_batching=on)
@@ -58,7 +64,7 @@ def main() -> None:
 
     def call() -> dict:
         began = time.perf_counter()
-        outputs = generate(handle, prompts, options, batch_size=SynthConfig().batch_size)
+        outputs = generate(handle, prompts, options, batch_size=rows)
         seconds = time.perf_counter() - began
         return {"tokens_per_s": count_tokens(handle.tokenizer, outputs) / seconds, "seconds": seconds}
 
