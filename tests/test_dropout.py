@@ -75,3 +75,13 @@ def test_dropped_positions_draws_again_when_one_draw_falls_short(monkeypatch):
     # far fewer than n, and every element must still be reached
     monkeypatch.setattr(dropout_module.torch, "rand", lambda count, dtype: torch.zeros(count, dtype=dtype))
     assert torch.equal(dropped_positions(5_000, 0.01), torch.arange(5_000))
+
+
+def test_off_the_cpu_fast_dropout_is_torchs_dropout(monkeypatch):
+    def host_positions(n, p):
+        raise AssertionError("positions drawn on the host for a tensor that is not on the CPU")
+
+    monkeypatch.setattr(dropout_module, "dropped_positions", host_positions)
+    x = torch.empty(64, 32, device="meta")  # shapes only: what a device tensor takes without a device
+    out = FastDropout(0.1).train()(x)
+    assert out.device.type == "meta" and out.shape == x.shape
