@@ -30,6 +30,7 @@ from baselines import count_tokens, opacus_per_sample_gradients, plain_peft_mode
 from compute_bound import fraction_of_bound
 from flower_bench import bench_flower
 from flower_bench import table_rows as flower_rows
+from scipy.stats import bootstrap
 
 from fedpit import config as config_mod
 from fedpit.config import SynthConfig
@@ -55,8 +56,6 @@ def pair_ratios(ours: list[float], theirs: list[float]) -> dict:
     """Ours / theirs in each repeat (both measured back to back in it, so machine drift cancels), with how
     many repeats ours won and a 95% bootstrap interval of the median ratio (scipy; needs 3 repeats). An
     interval that includes 1 says the two are not told apart by this run."""
-    from scipy.stats import bootstrap
-
     ratios = [a / b for a, b in zip(ours, theirs, strict=True)]
     summary = {**median_spread(ratios), "above_1": sum(r > 1 for r in ratios)}
     if len(ratios) >= 3 and max(ratios) > min(ratios):

@@ -10,7 +10,7 @@ one process (the model's attention implementation; the chunked head loss or the 
 `FEDPIT_KEEP_FREED_MEMORY` 1 or 0. `--processes` runs any lever that way (a warm-up epoch, then a
 timed one), which also gives each run's peak memory. Prints the medians
 (min–max), the ratio of medians, how many pairs the lever won, and a 95% bootstrap interval of the
-median pair ratio (scipy): an interval that includes 1.0 is not significant.
+median pair ratio (scipy, through bench.pair_ratios): an interval that includes 1.0 is not significant.
 """
 
 from __future__ import annotations
@@ -26,10 +26,9 @@ import time
 from pathlib import Path
 
 import torch
-from scipy.stats import bootstrap
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import BASE, REPO  # noqa: E402  (the bench's workload, shared)
+from bench import BASE, REPO, pair_ratios  # noqa: E402  (the bench's workload and its pair statistics, shared)
 
 from fedpit import config as config_mod  # noqa: E402
 from fedpit.attention import ATTENTION  # noqa: E402
@@ -76,8 +75,8 @@ def switch(work: Workload, lever: str, on: bool) -> None:
             dropouts = getattr(module, "lora_dropout", None)
             if isinstance(dropouts, torch.nn.ModuleDict):
                 for name, dropout in list(dropouts.items()):
-                    p = dropout.p
-                    dropouts[name] = FastDropout(p) if on else torch.nn.Dropout(p)
+                    if getattr(dropout, "p", 0.0) > 0:  # peft puts an Identity where p is 0
+                        dropouts[name] = FastDropout(dropout.p) if on else torch.nn.Dropout(dropout.p)
 
 
 HEAD_PATH = encoding.head_path
@@ -127,15 +126,17 @@ def report(lever: str, runs: dict[bool, list[dict]], key: str = "tokens_per_s", 
     """Medians of `key` with and without the lever, and the lever's speed-up per alternated pair (with /
     without for a rate, without / with for `lower_is_better` times) with a bootstrap 95% CI."""
     on, off = ([r[key] for r in runs[side]] for side in (True, False))
-    pairs = [b / a if lower_is_better else a / b for a, b in zip(on, off)]
-    low, high = bootstrap((pairs,), statistics.median, confidence_level=0.95, method="percentile",
-                          random_state=0).confidence_interval
+    pairs = pair_ratios(off, on) if lower_is_better else pair_ratios(on, off)
     print(f"lever {lever}: {key} with {spread(on)}, without {spread(off)}")
     medians = statistics.median(off) / statistics.median(on) if lower_is_better else \
         statistics.median(on) / statistics.median(off)
-    print(f"  speed-up, ratio of medians {medians:.3f}; faster in {sum(p > 1 for p in pairs)} of {len(pairs)} pairs; "
-          f"median pair ratio {statistics.median(pairs):.3f}, "
-          f"95% CI {low:.3f}–{high:.3f}{'' if low > 1 or high < 1 else ' (includes 1: not significant)'}")
+    if "ci95" in pairs:
+        low, high = pairs["ci95"]
+        interval = f"95% CI {low:.3f}–{high:.3f}{'' if low > 1 or high < 1 else ' (includes 1: not significant)'}"
+    else:
+        interval = "no interval (fewer than 3 pairs, or all alike)"
+    print(f"  speed-up, ratio of medians {medians:.3f}; faster in {pairs['above_1']} of {pairs['n']} pairs; "
+          f"median pair ratio {pairs['median']:.3f}, {interval}")
     if "peak_growth_mib" in runs[True][0]:
         growth = {side: [r["peak_growth_mib"] for r in runs[side]] for side in (True, False)}
         print(f"  peak memory over the loaded model, MiB: with {spread(growth[True])}, without {spread(growth[False])}")

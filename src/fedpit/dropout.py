@@ -74,7 +74,7 @@ class FastDropout(nn.Module):
             return x
         if x.device.type != "cpu":  # a GPU draws a number per element cheaply; positions would come from the host
             return nn.functional.dropout(x, self.p, training=True)
-        positions = dropped_positions(x.numel(), self.p).to(x.device)
+        positions = dropped_positions(x.numel(), self.p)
         return _ZeroAndScale.apply(x, positions, self.keep_scale)
 
     def extra_repr(self) -> str:
