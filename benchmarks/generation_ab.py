@@ -1,13 +1,15 @@
 """One generation lever on and off, on `make bench`'s self-generation workload, alternated: what it is worth.
 
-    python benchmarks/generation_ab.py --lever packing|prefill_attention|continuous|rows [--rows 24] [--repeats 7]
+    python benchmarks/generation_ab.py --lever packing|prefill_attention|continuous|rows|decode_step
+                                        [--rows 24] [--repeats 7]
 
 Each repeat answers the bench's 32 response prompts (16 rows at a time, at most 128 new tokens, the
 bench's stop strings and repetition penalty) once with the lever and once without, the order
 alternated, in one process. `packing` is `model.pack_for_inference` (packed.py); `prefill_attention`
 is the blocked bf16 prefill attention (attention.py), without which prefills take SDPA; `continuous` is
 continuous batching (engines/continuous.py), without which prompts are decoded in static batches; `rows` decodes
-`--rows` rows at a time against `synth.batch_size`'s default. Prints what
+`--rows` rows at a time against `synth.batch_size`'s default; `decode_step` is `model.fast_decode_step`
+(decode_step.py), without which every decode step is the model's forward. Prints what
 training_ab.py prints, for new tokens/s, and the seconds per call: a lever that changes bf16 numbers
 (prefill_attention) may change the text, and with it how many tokens there are to count.
 """
@@ -33,7 +35,7 @@ from fedpit.config import SynthConfig  # noqa: E402
 from fedpit.engines.generation import DecodingOptions, generate  # noqa: E402
 from fedpit.runtimes.local import prepare  # noqa: E402
 
-LEVERS = ("packing", "prefill_attention", "continuous", "rows")
+LEVERS = ("packing", "prefill_attention", "continuous", "rows", "decode_step")
 BLOCKED = attention.uses_blocked_attention
 
 
@@ -57,6 +59,8 @@ def main() -> None:
             rows = args.rows if on else SynthConfig().batch_size
         elif args.lever == "packing":
             handle.pack_for_inference = on
+        elif args.lever == "decode_step":
+            handle.fast_decode_step = on
         elif args.lever == "continuous":
             options = replace(options, continuous_batching=on)
         else:

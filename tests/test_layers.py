@@ -8,7 +8,8 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src" / "fedpit"
 
 LAYERS = [
-    {"errors", "types", "seeding", "registry", "textmetrics", "faults", "dropout", "memory", "attention", "packed"},
+    {"errors", "types", "seeding", "registry", "textmetrics", "faults", "dropout", "memory", "attention", "packed",
+     "decode_step"},
     {"config"},
     {"model", "prompts", "data"},
     {"engines"},

@@ -37,6 +37,7 @@ class ModelConfig:
     cache_dir: str = ""
     merge_for_inference: bool = True
     pack_for_inference: bool = True
+    fast_decode_step: bool = True
     quantization: str = "none"
 
 

@@ -21,6 +21,7 @@ import torch
 
 from fedpit.attention import register as register_attention
 from fedpit.config import LoraConfig, ModelConfig
+from fedpit.decode_step import DecodeStep
 from fedpit.dropout import use_fast_dropout
 from fedpit.errors import ModelError
 from fedpit.memory import keep_freed_memory
@@ -144,10 +145,14 @@ class ModelHandle:
     merge_for_inference: bool = True
     pack_for_inference: bool = True
     """bf16 on a CPU: linear layers run on weights packed for oneDNN inside `inference()` (packed.py)."""
+    fast_decode_step: bool = True
+    """With packed weights, Llama-family models: decoding's one-token steps bypass the model's forward
+    (decode_step.py), bitwise the same logits."""
     master: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     """fp32 values of the adapter when the LoRA layers hold a lower-precision copy; empty in fp32."""
     _merged: bool = field(default=False, repr=False)
     _inside: bool = field(default=False, repr=False)
+    _decode_step: DecodeStep | bool | None = field(default=None, repr=False)  # False: built, unsupported
 
     def __post_init__(self) -> None:
         if any(p.dtype != torch.float32 for p in self.lora_params.values()):
@@ -226,10 +231,22 @@ class ModelHandle:
             with torch.inference_mode():
                 yield
         finally:
+            self._decode_step = None  # it holds packed copies of this block's merged weights
             unpack(packed)
             for parent, attr, layer in swapped:
                 setattr(parent, attr, layer)
             self._merged = self._inside = False
+
+    def decode_step(self) -> DecodeStep | None:
+        """The one-token decode step of this inference block (built at first use, dropped when the block
+        ends), or None where the model's own forward computes every step (decode_step.py says when)."""
+        if not self._inside:
+            raise RuntimeError("decode_step() outside ModelHandle.inference(): it packs the block's merged weights")
+        if self._decode_step is None:
+            usable = self.fast_decode_step and self.pack_for_inference
+            base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+            self._decode_step = (DecodeStep.build(base) if usable else None) or False
+        return self._decode_step or None
 
     def compatible(self, model_config: ModelConfig, lora_config: LoraConfig) -> bool:
         """Whether this handle can serve a run with these settings (so a comparison loads once)."""
@@ -332,7 +349,8 @@ def load_model(model_config: ModelConfig, lora_config: LoraConfig, seed: int = 0
     return ModelHandle(model=model, tokenizer=tokenizer, device=device, lora_params=lora_params,
                        model_config=model_config, lora_config=lora_config,
                        merge_for_inference=model_config.merge_for_inference,
-                       pack_for_inference=model_config.pack_for_inference)
+                       pack_for_inference=model_config.pack_for_inference,
+                       fast_decode_step=model_config.fast_decode_step)
 
 
 def quantization_kwargs(mode: str, device: torch.device, dtype: torch.dtype) -> dict:

@@ -26,11 +26,11 @@ ROWS_HINT = 64  # the product size oneDNN picks a layout for; decode (16 rows) a
 _available: bool | None = None
 
 
-def _pack(weight: torch.Tensor) -> torch.Tensor:
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), ROWS_HINT)
 
 
-def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
@@ -44,7 +44,7 @@ def packing_available() -> bool:
             bias = torch.randn(48, generator=generator).bfloat16()
             x = torch.randn(3, 5, 40, generator=generator).bfloat16()
             with torch.no_grad():
-                got = _packed_linear(x, _pack(weight), bias)
+                got = packed_linear(x, pack_weight(weight), bias)
             _available = torch.equal(got, F.linear(x, weight, bias))
         except (RuntimeError, AttributeError, NotImplementedError):
             _available = False
@@ -59,12 +59,12 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
-        self.packed = _pack(linear.weight)
+        self.packed = pack_weight(linear.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.bfloat16 or x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
             return F.linear(x, self.weight, self.bias)
-        return _packed_linear(x, self.packed, self.bias)
+        return packed_linear(x, self.packed, self.bias)
 
 
 def packable(module: nn.Module) -> bool:

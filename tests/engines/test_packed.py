@@ -71,14 +71,14 @@ def test_packed_linear_takes_gradients_and_other_dtypes_through_plain_linear():
 
 @pytest.mark.parametrize("fault", ["raises", "disagrees"])
 def test_probe_refuses_operators_that_fail_or_disagree(monkeypatch, fresh_probe, fault):
-    real = packed._packed_linear
+    real = packed.packed_linear
 
     def broken(x, weight, bias):
         if fault == "raises":
             raise RuntimeError("no such kernel")
         out = real(x, weight, bias)
         return out + out.abs().max() * 2**-6  # off by an ulp or so
-    monkeypatch.setattr(packed, "_packed_linear", broken)
+    monkeypatch.setattr(packed, "packed_linear", broken)
     model = torch.nn.Sequential(torch.nn.Linear(8, 8).to(BF16).requires_grad_(False))
     assert not packing_available()
     assert pack_linears(model) == [] and type(model[0]) is torch.nn.Linear
@@ -86,7 +86,7 @@ def test_probe_refuses_operators_that_fail_or_disagree(monkeypatch, fresh_probe,
 
 def test_only_frozen_bf16_linear_layers_are_packed(monkeypatch):
     monkeypatch.setattr(packed, "_available", True)
-    monkeypatch.setattr(packed, "_pack", lambda weight: weight)  # which layers, not how: any machine
+    monkeypatch.setattr(packed, "pack_weight", lambda weight: weight)  # which layers, not how: any machine
     model = torch.nn.ModuleDict({
         "frozen": torch.nn.Linear(8, 8).to(BF16).requires_grad_(False),
         "trained": torch.nn.Linear(8, 8).to(BF16),

@@ -101,6 +101,7 @@ def decode(handle, encoded: list[list[int]], options, max_rows: int,
     rows have finished. If a model's cache cannot take rows mid-decode (sliding-window or
     linear-attention layers), or `options.continuous_batching` is off, batches follow each other."""
     model, tokenizer = handle.model, handle.tokenizer
+    step = handle.decode_step()  # None: the model's forward computes each step
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     if options.max_new_tokens <= 0:
         return [[] for _ in encoded]
@@ -151,9 +152,12 @@ def decode(handle, encoded: list[list[int]], options, max_rows: int,
             tokens = tokens[keep]
         rows.history = torch.cat([rows.history, tokens[:, None]], dim=1)
         rows.mask = torch.cat([rows.mask, rows.mask.new_ones((len(rows), 1))], dim=1)
-        out = model(input_ids=tokens[:, None], attention_mask=rows.mask, position_ids=rows.next_position[:, None],
-                    past_key_values=cache, use_cache=True)
-        rows.logits = out.logits[:, -1, :]
+        if step is not None:
+            rows.logits = step(tokens, rows.mask, rows.next_position, cache)
+        else:
+            rows.logits = model(input_ids=tokens[:, None], attention_mask=rows.mask,
+                                position_ids=rows.next_position[:, None], past_key_values=cache,
+                                use_cache=True).logits[:, -1, :]
         rows.next_position = rows.next_position + 1
     return generated
 

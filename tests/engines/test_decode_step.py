@@ -1,0 +1,168 @@
+"""The one-token decode step outside transformers' forward (decode_step.py): bitwise the model's logits and
+cache for left-padded batches on Llama, Mistral and Qwen2 layouts; used by the decode loop only inside
+`ModelHandle.inference()` with packed weights; rebuilt with each block's merged weights; and left out for
+every model, dtype or machine it does not mirror exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from fedpit.config import LoraConfig, ModelConfig
+from fedpit.decode_step import DecodeStep
+from fedpit.engines.generation import DecodingOptions, generate
+from fedpit.engines.kvcache import preallocated_cache
+from fedpit.model import load_model
+from fedpit.packed import pack_linears, packing_available, unpack
+
+BF16 = torch.bfloat16
+SIZES = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=256)
+LAYOUTS = {
+    "llama": lambda: LlamaForCausalLM(LlamaConfig(**SIZES, tie_word_embeddings=True)),
+    "mistral": lambda: MistralForCausalLM(MistralConfig(**SIZES, sliding_window=None)),
+    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**SIZES)),  # q, k and v with biases
+}
+
+
+def _packed_model(layout: str):
+    torch.manual_seed(0)
+    model = LAYOUTS[layout]().to(BF16).eval().requires_grad_(False)
+    model.set_attn_implementation("sdpa")
+    if layout == "qwen2":
+        with torch.no_grad():  # biases start at zero: make them count
+            for layer in model.model.layers:
+                for projection in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    projection.bias.normal_(0, 0.5)
+    return model, pack_linears(model)
+
+
+def _prefilled(model, ids, mask):
+    cache = preallocated_cache(model.config, ids.shape[1] + 8)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                   use_cache=True).logits[:, -1]
+    return cache, logits, positions[:, -1] + 1
+
+
+def _batch(rows: int, width: int, padded: bool, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 300, (rows, width), generator=generator)
+    mask = torch.ones(rows, width, dtype=torch.long)
+    if padded:
+        for row in range(1, rows, 2):
+            mask[row, : 2 + row] = 0
+    return ids, mask
+
+
+def _steps(model, step, ids, mask, count: int = 4):
+    """`count` greedy steps through the model's forward and through `step`, each from its own prefill."""
+    theirs, (cache, logits, position) = [], _prefilled(model, ids, mask)
+    ours, (our_cache, our_logits, our_position) = [], _prefilled(model, ids, mask)
+    their_mask = our_mask = mask
+    for _ in range(count):
+        token = logits.argmax(-1)
+        their_mask = torch.cat([their_mask, their_mask.new_ones(len(token), 1)], dim=1)
+        logits = model(input_ids=token[:, None], attention_mask=their_mask, position_ids=position[:, None],
+                       past_key_values=cache, use_cache=True).logits[:, -1]
+        theirs.append(logits)
+        our_mask = torch.cat([our_mask, our_mask.new_ones(len(token), 1)], dim=1)
+        our_logits = step(token, our_mask, our_position, our_cache)
+        ours.append(our_logits)
+        position, our_position = position + 1, our_position + 1
+    return theirs, ours, cache, our_cache
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_step_is_bitwise_the_forward_on_padded_batches(layout):
+    model, swapped = _packed_model(layout)
+    step = DecodeStep.build(model)
+    if not packing_available():  # no oneDNN bf16 here: nothing is packed, and the step is never built
+        assert swapped == [] and step is None
+        return
+    assert step is not None
+    with torch.inference_mode():
+        theirs, ours, cache, our_cache = _steps(model, step, *_batch(5, 11, padded=True))
+    for their_logits, our_logits in zip(theirs, ours, strict=True):
+        assert torch.equal(our_logits, their_logits)
+    for layer, our_layer in zip(cache.layers, our_cache.layers, strict=True):  # the same keys and values written
+        assert torch.equal(layer.keys, our_layer.keys) and torch.equal(layer.values, our_layer.values)
+    unpack(swapped)
+
+
+def test_unpadded_batches_differ_only_by_rounding():
+    """With no padding at all transformers passes no mask and SDPA takes its grouped-query path (several times
+    slower on a CPU); the step keeps the masked packed path, which rounds differently in bf16."""
+    model, swapped = _packed_model("llama")
+    step = DecodeStep.build(model)
+    if step is None:
+        assert not packing_available()
+        return
+    with torch.inference_mode():
+        theirs, ours, _, _ = _steps(model, step, *_batch(4, 9, padded=False))
+    for their_logits, our_logits in zip(theirs, ours, strict=True):
+        torch.testing.assert_close(our_logits.float(), their_logits.float(), atol=0.05, rtol=0.02)
+    unpack(swapped)
+
+
+@pytest.mark.parametrize("change", ["unpacked", "fp32", "eager", "sliding", "architecture", "head_norms"])
+def test_models_it_does_not_mirror_keep_the_forward(change):
+    model, swapped = _packed_model("mistral" if change == "sliding" else "llama")
+    if change == "unpacked":
+        unpack(swapped)
+    elif change == "fp32":
+        unpack(swapped)
+        model = model.float()
+        swapped = pack_linears(model)
+        assert swapped == []
+    elif change == "eager":
+        model.set_attn_implementation("eager")
+    elif change == "sliding":
+        model.config.sliding_window = 64
+    elif change == "architecture":
+        model.config.model_type = "gpt_neox"
+    else:
+        model.model.layers[0].self_attn.q_norm = torch.nn.Identity()  # Qwen3/OLMo-style per-head norms
+    assert DecodeStep.build(model) is None
+
+
+def _trained_looking(handle, seed):
+    generator = torch.Generator().manual_seed(seed)
+    return {k: v + 0.05 * torch.randn(v.shape, generator=generator) for k, v in handle.fresh_adapter(0).items()}
+
+
+def test_handle_builds_it_per_inference_block_with_that_blocks_weights(tiny_model_dir):
+    handle = load_model(ModelConfig(name=str(tiny_model_dir), dtype="bf16"), LoraConfig(rank=4, alpha=8))
+    with pytest.raises(RuntimeError, match="outside ModelHandle.inference"):
+        handle.decode_step()
+    ids, mask = _batch(3, 10, padded=True)
+    for seed in (1, 2):  # a new adapter: the next block's step has its merged weights, not the last block's
+        handle.set_adapter(_trained_looking(handle, seed))
+        with handle.inference():
+            step = handle.decode_step()
+            assert handle.decode_step() is step  # built once per block
+            if not packing_available():
+                assert step is None
+                return
+            base = handle.model.get_base_model()
+            theirs, ours, _, _ = _steps(base, step, ids, mask, count=2)
+            assert all(torch.equal(a, b) for a, b in zip(theirs, ours, strict=True))
+    handle.fast_decode_step = False
+    with handle.inference():
+        assert handle.decode_step() is None
+
+
+def test_generation_uses_it_and_writes_the_same_text(tiny_model_dir, monkeypatch):
+    handle = load_model(ModelConfig(name=str(tiny_model_dir), dtype="bf16"), LoraConfig(rank=4, alpha=8))
+    handle.set_adapter(_trained_looking(handle, 1))
+    calls = []
+    real_call = DecodeStep.__call__
+    monkeypatch.setattr(DecodeStep, "__call__", lambda self, *args: calls.append(1) or real_call(self, *args))
+    prompts = ["one", "two words here", "a longer prompt than the others, with commas", "short again"]
+    options = DecodingOptions(max_new_tokens=10, repetition_penalty=1.2)
+    fast = generate(handle, prompts, options, batch_size=4)
+    assert bool(calls) == packing_available()
+    handle.fast_decode_step = False
+    calls.clear()
+    assert generate(handle, prompts, options, batch_size=4) == fast and not calls
