@@ -1,11 +1,12 @@
 """Where a decode step's time goes, and how close it is to the machine's memory bandwidth.
 
-    python benchmarks/decode_profile.py [--rows 16] [--context 350] [--dtype auto]
+    python benchmarks/decode_profile.py [--rows 16] [--context 350] [--dtype auto] [--step engine|forward]
 
 One prefill of `rows` random prompts of `context` tokens on the embedded SmolLM2 (LoRA merged, as in
-generation), then 20 timed decode steps and 10 profiled ones. It prints the step time, the share of
-each kind of operation (the linear layers by shape, the LM head, attention, the rest), and the bytes a
-step must read from memory: every weight once (the batch shares them) plus every row's keys and values
+generation), then 20 timed decode steps and 10 profiled ones, each the step the decode loop runs
+(decode_step.py where it applies; `--step forward` for the model's own forward). It prints the step
+time, the share of each kind of operation (the linear layers by shape, the LM head, attention, the rest),
+and the bytes a step must read from memory: every weight once (the batch shares them) plus every row's keys and values
 in every layer. Bytes / step time is the bandwidth the step achieves. When that is close to what the
 machine's memory delivers, a step is bandwidth-bound: fewer bytes (smaller weights or cache) or more rows
 sharing one read of the weights would make it faster, and faster arithmetic would not.
@@ -33,6 +34,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=16)
     parser.add_argument("--context", type=int, default=350)
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--step", choices=("engine", "forward"), default="engine",
+                        help="the decode loop's step (decode_step.py where it applies) or the model's forward")
     args = parser.parse_args()
     handle = load_model(ModelConfig(name=resolve_model_path("smollm2-135m-instruct"), dtype=args.dtype),
                         LoraConfig(rank=16, alpha=32, target_modules=TARGETS))
@@ -48,12 +51,18 @@ def main() -> None:
                     logits_to_keep=last_positions(context, 1, ids.device))
         state = {"mask": mask, "position": torch.full((rows,), context), "token": out.logits[:, -1].argmax(-1)}
 
+        fast = handle.decode_step() if args.step == "engine" else None  # what the decode loop runs
+
         def step() -> None:
             state["mask"] = torch.cat([state["mask"], state["mask"].new_ones(rows, 1)], dim=1)
-            logits = model(input_ids=state["token"][:, None], attention_mask=state["mask"],
-                           position_ids=state["position"][:, None], past_key_values=cache, use_cache=True).logits
+            if fast is not None:
+                logits = fast(state["token"], state["mask"], state["position"], cache)
+            else:
+                logits = model(input_ids=state["token"][:, None], attention_mask=state["mask"],
+                               position_ids=state["position"][:, None], past_key_values=cache,
+                               use_cache=True).logits[:, -1]
             state["position"] = state["position"] + 1
-            state["token"] = logits[:, -1].argmax(-1)
+            state["token"] = logits.argmax(-1)
 
         for _ in range(3):
             step()
@@ -81,7 +90,8 @@ def main() -> None:
     total = sum(kinds.values())
     kv = sum(2 * layer.keys.numel() * layer.keys.element_size() for layer in cache.layers)
     print(f"{rows} rows, context {context}-{context + 33} tokens, {model.dtype}, {torch.get_num_threads()} threads")
-    print(f"decode step: {seconds * 1e3:.1f} ms ({rows / seconds:.0f} new tokens/s)")
+    how = "the model's forward" if fast is None else "decode_step.py"
+    print(f"decode step ({how}): {seconds * 1e3:.1f} ms ({rows / seconds:.0f} new tokens/s)")
     for kind, micros in sorted(kinds.items(), key=lambda item: -item[1]):
         print(f"  {kind:28s} {micros / total:6.1%}")
     print(f"bytes a step reads: weights {weights / 2**20:.0f} MiB + keys/values {kv / 2**20:.0f} MiB "

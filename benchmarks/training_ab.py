@@ -137,6 +137,7 @@ def report(lever: str, runs: dict[bool, list[dict]], key: str = "tokens_per_s", 
         interval = "no interval (fewer than 3 pairs, or all alike)"
     print(f"  speed-up, ratio of medians {medians:.3f}; faster in {pairs['above_1']} of {pairs['n']} pairs; "
           f"median pair ratio {pairs['median']:.3f}, {interval}")
+    print("  pair ratios in order: " + ", ".join(f"{r:.3f}" for r in pairs["ratios"]))
     if "peak_growth_mib" in runs[True][0]:
         growth = {side: [r["peak_growth_mib"] for r in runs[side]] for side in (True, False)}
         print(f"  peak memory over the loaded model, MiB: with {spread(growth[True])}, without {spread(growth[False])}")
