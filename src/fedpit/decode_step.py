@@ -1,13 +1,15 @@
 """One decode step (one new token for each row) of a Llama-family model without transformers' per-module cost.
 
-A bf16 decode step of 8 rows on SmolLM2 (30 layers, 2 CPU cores, ~300 tokens of context) took 37.5 ms
-through the model's forward, and its products and attention about 27 ms of that: the rest is the Python
+A bf16 decode step of 8 rows on SmolLM2 (30 layers, 2 CPU cores, ~300 tokens of context) took 37.1 ms
+through the model's forward, and its products and attention about 28 ms of that: the rest is the Python
 around ~40 small operations a layer (module calls, output-capturing wrappers, mask building), paid again
 every step. `DecodeStep` runs the same arithmetic layer by layer, calling the model's own modules where they
 compute (norms, rotary embedding, activation) and the model's own attention function, with one packed
 product for q, k and v and one for gate and up (oneDNN computes a concatenated weight's columns exactly as
-it computes each weight's: tested), so its logits are bitwise the model's forward: 31 ms for that step
-(`python benchmarks/generation_ab.py --lever decode_step` measures it on whole generations).
+it computes each weight's: tested), so its logits are bitwise the model's forward: 31.4 ms for that step
+(`python benchmarks/generation_ab.py --lever decode_step` measures it on whole generations: 1.06x per call).
+One exception: with no padded row at all, transformers passes SDPA no mask and it takes its grouped-query
+path (several times slower on a CPU); the step keeps the masked path, which rounds differently in bf16.
 
 It is used where packed weights are (packed.py: bf16 on a CPU whose oneDNN computes them exactly), for the
 architectures whose decoder layer it mirrors (`SUPPORTED`) with full attention in every layer; everything
