@@ -147,7 +147,7 @@ class ModelHandle:
     """bf16 on a CPU: linear layers run on weights packed for oneDNN inside `inference()` (packed.py)."""
     fast_decode_step: bool = True
     """With packed weights, Llama-family models: decoding's one-token steps bypass the model's forward
-    (decode_step.py), bitwise the same logits."""
+    (decode_step.py), bitwise the same logits whenever a row of the batch is padded."""
     master: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     """fp32 values of the adapter when the LoRA layers hold a lower-precision copy; empty in fp32."""
     _merged: bool = field(default=False, repr=False)

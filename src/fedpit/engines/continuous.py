@@ -14,6 +14,9 @@ fp32; tested), and what static batches give (`continuous_batching=False`). On th
 (32 prompts, 16 rows, an AVX2 CPU in fp32) joining measured 1.00x static batches: decode steps there are
 bound by reading the weights, which a step of 12 rows pays as fully as one of 16.
 
+Each one-token step is `handle.decode_step()` where that applies (decode_step.py: bf16 on a CPU,
+Llama-family models; the model's forward without its per-module cost) and the model's forward elsewhere.
+
 The repetition penalty sees a row's own tokens only. Padding is not text: transformers' processor,
 given a left-padded batch, also penalises the pad token, which for SmolLM2 is EOS, so a row's chance
 to stop depended on the length of the longest prompt in its batch. Here the padded positions of a
