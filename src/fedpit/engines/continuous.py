@@ -104,10 +104,10 @@ def decode(handle, encoded: list[list[int]], options, max_rows: int,
     rows have finished. If a model's cache cannot take rows mid-decode (sliding-window or
     linear-attention layers), or `options.continuous_batching` is off, batches follow each other."""
     model, tokenizer = handle.model, handle.tokenizer
-    step = handle.decode_step()  # None: the model's forward computes each step
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     if options.max_new_tokens <= 0:
         return [[] for _ in encoded]
+    step = handle.decode_step()  # None: the model's forward computes each step
     chain = processors(options)
     enders = stop_enders(tokenizer, options.stop_strings) if options.stop_strings else frozenset()
     waiting = deque(sorted(range(len(encoded)), key=lambda i: -len(encoded[i])))
