@@ -55,7 +55,7 @@ def _concatenated(linears: list[PackedLinear]) -> tuple[torch.Tensor, torch.Tens
                               for b, linear in zip(biases, linears, strict=True)])
 
 
-def _unsupported(model: nn.Module) -> str | None:
+def unsupported_reason(model: nn.Module) -> str | None:
     """Why `DecodeStep` cannot compute `model`'s step exactly, or None."""
     config = getattr(model, "config", None)
     if config is None or getattr(config, "model_type", None) not in SUPPORTED:
@@ -112,7 +112,7 @@ class DecodeStep:
     def build(cls, model: nn.Module) -> DecodeStep | None:
         """The step for `model` (the transformers causal LM, inside `ModelHandle.inference`, its linear
         layers packed), or None where it would not be exactly the model's forward."""
-        return None if _unsupported(model) else cls(model)
+        return None if unsupported_reason(model) else cls(model)
 
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
