@@ -9,7 +9,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "fedpit"
 
 LAYERS = [
     {"errors", "types", "seeding", "registry", "textmetrics", "faults", "dropout", "memory", "attention", "packed",
-     "decode_step"},
+     "native", "decode_step"},
     {"config"},
     {"model", "prompts", "data"},
     {"engines"},

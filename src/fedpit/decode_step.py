@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from fedpit.attention import ATTENTION
+from fedpit.native.decode_attention import DecodeAttention
 from fedpit.packed import PackedLinear, pack_weight, packed_linear, packing_available
 
 SUPPORTED = frozenset({"llama", "mistral", "qwen2"})
@@ -88,7 +89,7 @@ class DecodeStep:
     """`model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions[:, None],
     past_key_values=cache).logits[:, -1]`, computed without the model's forward. Build with `build`."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, kernel: DecodeAttention | None = None) -> None:
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         inner, config = model.model, model.config
@@ -107,12 +108,17 @@ class DecodeStep:
         self.head_dim = first.head_dim
         self.split = [first.q_proj.out_features, first.k_proj.out_features, first.v_proj.out_features]
         self.intermediate = inner.layers[0].mlp.gate_proj.out_features
+        group = first.q_proj.out_features // first.k_proj.out_features
+        supported = kernel is not None and kernel.supports(self.head_dim, group, first.q_proj.weight.dtype)
+        self.native = kernel if supported else None
+        """The C decode attention (native/decode_attention.py) in place of the model's attention function."""
 
     @classmethod
-    def build(cls, model: nn.Module) -> DecodeStep | None:
+    def build(cls, model: nn.Module, kernel: DecodeAttention | None = None) -> DecodeStep | None:
         """The step for `model` (the transformers causal LM, inside `ModelHandle.inference`, its linear
-        layers packed), or None where it would not be exactly the model's forward."""
-        return None if unsupported_reason(model) else cls(model)
+        layers packed), or None where it would not be exactly the model's forward. With `kernel`, the
+        step's attention is that kernel's: the same computation, rounded differently."""
+        return None if unsupported_reason(model) else cls(model, kernel)
 
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
@@ -122,7 +128,7 @@ class DecodeStep:
         hidden = self.embed(tokens[:, None])
         cos, sin = self.rotary(hidden, positions[:, None])
         cos, sin = cos[:, None], sin[:, None]  # over the heads, as the model's apply_rotary_pos_emb
-        attended = mask[:, None, None, :].bool()
+        attended = mask.bool() if self.native is not None else mask[:, None, None, :].bool()
         shape = (rows, 1, -1, self.head_dim)
         for index, layer in enumerate(self.layers):
             residual = hidden
@@ -132,8 +138,11 @@ class DecodeStep:
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             k, v = cache.update(k, v, index)
-            out, _ = self.attend(layer.attention, q, k, v, attended, dropout=0.0, scaling=layer.attention.scaling)
-            out = out.reshape(rows, 1, -1).contiguous()
+            if self.native is not None:
+                out = self.native(q, k, v, attended, layer.attention.scaling).view(rows, 1, -1)
+            else:
+                out, _ = self.attend(layer.attention, q, k, v, attended, dropout=0.0, scaling=layer.attention.scaling)
+                out = out.reshape(rows, 1, -1).contiguous()
             hidden = residual + packed_linear(out, layer.o.packed, layer.o.bias)
             residual = hidden
             normed = layer.post_norm(hidden)

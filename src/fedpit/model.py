@@ -25,6 +25,7 @@ from fedpit.decode_step import DecodeStep
 from fedpit.dropout import use_fast_dropout
 from fedpit.errors import ModelError
 from fedpit.memory import keep_freed_memory
+from fedpit.native import decode_attention
 from fedpit.packed import pack_linears, unpack
 from fedpit.types import AdapterState
 
@@ -148,6 +149,8 @@ class ModelHandle:
     fast_decode_step: bool = True
     """With packed weights, Llama-family models: decoding's one-token steps bypass the model's forward
     (decode_step.py), bitwise the same logits whenever a row of the batch is padded."""
+    native_decode_attention: bool = True
+    """In that step, attention by the C kernel of native/decode_attention.py where it builds (not bitwise SDPA)."""
     master: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     """fp32 values of the adapter when the LoRA layers hold a lower-precision copy; empty in fp32."""
     _merged: bool = field(default=False, repr=False)
@@ -245,7 +248,10 @@ class ModelHandle:
         if self._decode_step is None:
             usable = self.fast_decode_step and self.pack_for_inference
             base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-            self._decode_step = (DecodeStep.build(base) if usable else None) or False
+            kernel = None
+            if usable and self.native_decode_attention:
+                kernel = decode_attention.load(cache_root(self.model_config.cache_dir if self.model_config else ""))
+            self._decode_step = (DecodeStep.build(base, kernel) if usable else None) or False
         return self._decode_step or None
 
     def compatible(self, model_config: ModelConfig, lora_config: LoraConfig) -> bool:
@@ -350,7 +356,8 @@ def load_model(model_config: ModelConfig, lora_config: LoraConfig, seed: int = 0
                        model_config=model_config, lora_config=lora_config,
                        merge_for_inference=model_config.merge_for_inference,
                        pack_for_inference=model_config.pack_for_inference,
-                       fast_decode_step=model_config.fast_decode_step)
+                       fast_decode_step=model_config.fast_decode_step,
+                       native_decode_attention=model_config.native_decode_attention)
 
 
 def quantization_kwargs(mode: str, device: torch.device, dtype: torch.dtype) -> dict:

@@ -1,7 +1,7 @@
 """The one-token decode step outside transformers' forward (decode_step.py): bitwise the model's logits and
-cache for left-padded batches on Llama, Mistral and Qwen2 layouts; used by the decode loop only inside
-`ModelHandle.inference()` with packed weights; rebuilt with each block's merged weights; and left out for
-every model, dtype or machine it does not mirror exactly."""
+cache for left-padded batches on Llama, Mistral and Qwen2 layouts; with the C decode attention, close to them;
+used by the decode loop only inside `ModelHandle.inference()` with packed weights; rebuilt with each block's
+merged weights; and left out for every model, dtype or machine it does not mirror exactly."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ from fedpit.config import LoraConfig, ModelConfig
 from fedpit.decode_step import DecodeStep, unsupported_reason
 from fedpit.engines.generation import DecodingOptions, generate
 from fedpit.engines.kvcache import preallocated_cache
-from fedpit.model import load_model
+from fedpit.model import cache_root, load_model
+from fedpit.native.decode_attention import DecodeAttention
+from fedpit.native.decode_attention import load as load_kernel
 from fedpit.packed import pack_linears, packing_available, unpack
 
 BF16 = torch.bfloat16
@@ -101,6 +103,29 @@ def test_step_is_bitwise_the_forward_on_padded_batches(layout):
     unpack(swapped)
 
 
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_with_the_c_attention_it_stays_close_to_the_forward(layout, tmp_path, monkeypatch):
+    """The kernel's attention rounds differently from SDPA's (native/decode_attention.py), so the step's logits
+    are the forward's up to bf16 rounding, and every layer's attention goes through the kernel."""
+    kernel = load_kernel(tmp_path)
+    model, swapped = _packed_model(layout)
+    step = DecodeStep.build(model, kernel)
+    if step is None or kernel is None:  # no packed weights, or no C compiler: the step keeps SDPA
+        assert not packing_available() or step.native is None
+        unpack(swapped)
+        return
+    assert step.native is kernel
+    calls = []
+    real_call = DecodeAttention.__call__
+    monkeypatch.setattr(DecodeAttention, "__call__", lambda self, *args: calls.append(1) or real_call(self, *args))
+    with torch.inference_mode():
+        theirs, ours, _, _ = _steps(model, step, *_batch(5, 11, padded=True))
+    assert len(calls) == 4 * model.config.num_hidden_layers  # four steps, every layer
+    for their_logits, our_logits in zip(theirs, ours, strict=True):
+        torch.testing.assert_close(our_logits.float(), their_logits.float(), atol=0.05, rtol=0.02)
+    unpack(swapped)
+
+
 def test_unpadded_batches_differ_only_by_rounding():
     """With no padding at all transformers passes no mask and SDPA takes its grouped-query path (several times
     slower on a CPU); the step keeps the masked packed path, which rounds differently in bf16."""
@@ -152,6 +177,7 @@ def _trained_looking(handle, seed):
 
 def test_handle_builds_it_per_inference_block_with_that_blocks_weights(tiny_model_dir):
     handle = load_model(ModelConfig(name=str(tiny_model_dir), dtype="bf16"), LoraConfig(rank=4, alpha=8))
+    handle.native_decode_attention = False  # SDPA's attention: bitwise the forward
     with pytest.raises(RuntimeError, match="outside ModelHandle.inference"):
         handle.decode_step()
     ids, mask = _batch(3, 10, padded=True)
@@ -166,6 +192,9 @@ def test_handle_builds_it_per_inference_block_with_that_blocks_weights(tiny_mode
             base = handle.model.get_base_model()
             theirs, ours, _, _ = _steps(base, step, ids, mask, count=2)
             assert all(torch.equal(a, b) for a, b in zip(theirs, ours, strict=True))
+    handle.native_decode_attention = True  # the default: the C attention wherever it builds
+    with handle.inference():
+        assert (handle.decode_step().native is not None) == (load_kernel(cache_root()) is not None)
     handle.fast_decode_step = False
     with handle.inference():
         assert handle.decode_step() is None
@@ -173,6 +202,7 @@ def test_handle_builds_it_per_inference_block_with_that_blocks_weights(tiny_mode
 
 def test_generation_uses_it_and_writes_the_same_text(tiny_model_dir, monkeypatch):
     handle = load_model(ModelConfig(name=str(tiny_model_dir), dtype="bf16"), LoraConfig(rank=4, alpha=8))
+    handle.native_decode_attention = False  # SDPA's attention: the same text as the forward
     handle.set_adapter(_trained_looking(handle, 1))
     calls = []
     real_call = DecodeStep.__call__
@@ -184,3 +214,15 @@ def test_generation_uses_it_and_writes_the_same_text(tiny_model_dir, monkeypatch
     handle.fast_decode_step = False
     calls.clear()
     assert generate(handle, prompts, options, batch_size=4) == fast and not calls
+
+
+def test_generation_calls_the_c_attention_by_default(tiny_model_dir, monkeypatch):
+    handle = load_model(ModelConfig(name=str(tiny_model_dir), dtype="bf16"), LoraConfig(rank=4, alpha=8))
+    handle.set_adapter(_trained_looking(handle, 1))
+    calls = []
+    real_call = DecodeAttention.__call__
+    monkeypatch.setattr(DecodeAttention, "__call__", lambda self, *args: calls.append(1) or real_call(self, *args))
+    prompts = ["one", "two words here", "a longer prompt than the others, with commas", "short again"]
+    texts = generate(handle, prompts, DecodingOptions(max_new_tokens=10, repetition_penalty=1.2), batch_size=4)
+    assert len(texts) == len(prompts) and all(isinstance(text, str) for text in texts)
+    assert bool(calls) == (packing_available() and load_kernel(cache_root()) is not None)

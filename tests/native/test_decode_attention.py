@@ -1,0 +1,113 @@
+"""The C decode attention (native/decode_attention.py): equal to an fp64 softmax attention up to bf16 rounding, on
+cache views, grouped query heads, head sizes it specialises and those it does not, and left padding whose keys
+and values are huge; built once per cache and never half-written; without a compiler, None and a warning."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import pytest
+import torch
+
+from fedpit.native import decode_attention
+from fedpit.native.decode_attention import DecodeAttention, build, load
+
+BF16 = torch.bfloat16
+HAS_COMPILER = shutil.which("cc") is not None
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory) -> DecodeAttention:
+    built = load(tmp_path_factory.mktemp("cache"))
+    assert built is not None, "a C compiler is on PATH, so the kernel must build"
+    return built
+
+
+def _inputs(rows: int, kv_heads: int, group: int, keys: int, dim: int, seed: int = 0):
+    """q [rows, heads, 1, dim]; K and V as views of a cache with room for more keys; left padding whose keys
+    and values are 1e4, so that a padded position that leaked into the result would show."""
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(rows, kv_heads * group, 1, dim, generator=generator).to(BF16)
+    capacity = keys + 5
+    k_buffer = torch.randn(rows, kv_heads, capacity, dim, generator=generator).to(BF16)
+    v_buffer = torch.randn(rows, kv_heads, capacity, dim, generator=generator).to(BF16)
+    attended = torch.ones(rows, keys, dtype=torch.bool)
+    for row in range(rows):
+        padding = int(torch.randint(0, keys, (1,), generator=generator)) if row % 2 else 0
+        attended[row, :padding] = False
+        k_buffer[row, :, :padding] = 1e4
+        v_buffer[row, :, :padding] = 1e4
+    return q, k_buffer[:, :, :keys], v_buffer[:, :, :keys], attended
+
+
+def _reference(q, k, v, attended, scale):
+    """softmax(q·Kᵀ·scale + mask)·V in fp64 with the query heads expanded over their key/value head."""
+    group = q.shape[1] // k.shape[1]
+    k64, v64 = (t.double().repeat_interleave(group, dim=1) for t in (k, v))
+    scores = (q.double() @ k64.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~attended[:, None, None, :], float("-inf"))
+    return (torch.softmax(scores, dim=-1) @ v64)[:, :, 0]
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler: the fallback is tested below")
+@pytest.mark.parametrize("rows,kv_heads,group,keys,dim", [
+    (1, 1, 1, 1, 64),     # one key: a block of four with three left over
+    (3, 3, 3, 17, 64),    # SmolLM2's heads
+    (8, 3, 3, 300, 64),   # a decode step of the bench
+    (2, 2, 4, 33, 128),   # the other specialised head size
+    (5, 1, 7, 50, 8),     # a head size the kernel does not specialise
+    (2, 4, 1, 9, 256),    # no grouping, the largest head
+])
+def test_equals_an_fp64_attention_up_to_bf16_rounding(kernel, rows, kv_heads, group, keys, dim):
+    q, k, v, attended = _inputs(rows, kv_heads, group, keys, dim)
+    scale = dim ** -0.5
+    ours = kernel(q, k, v, attended, scale)
+    assert ours.shape == (rows, kv_heads * group, dim) and ours.dtype == BF16
+    expected = _reference(q, k, v, attended, scale)
+    torch.testing.assert_close(ours.double(), expected, atol=4e-3, rtol=8e-3)  # about one bf16 step
+    # and no further from it than SDPA, which rounds q·Kᵀ in bf16 too
+    sdpa = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), attn_mask=attended[:, None, None, :],
+        scale=scale)[:, :, 0]
+    assert (ours.double() - expected).abs().max() <= (sdpa.double() - expected).abs().max() + 2e-3
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler: the fallback is tested below")
+def test_refuses_what_it_was_not_built_for(kernel):
+    q, k, v, attended = _inputs(2, 2, 2, 8, 64)
+    scale = 0.125
+    with pytest.raises(ValueError, match="one bf16 query"):
+        kernel(q.float(), k, v, attended, scale)
+    with pytest.raises(ValueError, match="one bf16 query"):
+        kernel(torch.cat([q, q], dim=2), k, v, attended, scale)  # two query positions
+    with pytest.raises(ValueError, match="contiguous last dimension"):
+        kernel(q, k.transpose(-1, -2).contiguous().transpose(-1, -2), v, attended, scale)
+    with pytest.raises(ValueError, match="attended must be a bool"):
+        kernel(q, k, v, attended.long(), scale)
+    with pytest.raises(ValueError, match="attended must be a bool"):
+        kernel(q, k, v, attended[:, 1:], scale)
+    assert not DecodeAttention.supports(512, 2, BF16) and not DecodeAttention.supports(64, 32, BF16)
+    assert not DecodeAttention.supports(64, 2, torch.float32) and DecodeAttention.supports(64, 3, BF16)
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler: the fallback is tested below")
+def test_built_once_per_cache_and_never_half_written(tmp_path, monkeypatch):
+    first = build(tmp_path)
+    stamp = first.stat().st_mtime_ns
+    compiled = []
+    real_run = decode_attention.subprocess.run
+    monkeypatch.setattr(decode_attention.subprocess, "run",
+                        lambda command, **kw: compiled.append(command) or real_run(command, **kw))
+    assert build(tmp_path) == first and first.stat().st_mtime_ns == stamp
+    assert all("--version" in command for command in compiled)  # asked the compiler who it is, built nothing
+    assert [p.name for p in (tmp_path / "native").iterdir()] == [first.name]  # no temporary file left
+
+
+@pytest.mark.parametrize("compiler,reason", [("/nonexistent/cc", "no C compiler"), ("false", "failed to build")])
+def test_without_a_working_compiler_it_is_none_and_says_why(tmp_path, monkeypatch, caplog, compiler, reason):
+    monkeypatch.setenv("CC", compiler)
+    with caplog.at_level(logging.WARNING, logger="fedpit.native.decode_attention"):
+        assert load(tmp_path) is None
+    assert reason in caplog.text and "model.native_decode_attention = false" in caplog.text
+    assert not list(tmp_path.rglob("*.so"))  # nothing half-built left behind
