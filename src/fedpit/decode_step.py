@@ -106,7 +106,8 @@ class DecodeStep:
                                           mlp.act_fn))
         first = inner.layers[0].self_attn
         self.head_dim = first.head_dim
-        self.split = [first.q_proj.out_features, first.k_proj.out_features, first.v_proj.out_features]
+        self.heads = first.q_proj.out_features // self.head_dim
+        self.qk_v = [first.q_proj.out_features + first.k_proj.out_features, first.v_proj.out_features]
         self.intermediate = inner.layers[0].mlp.gate_proj.out_features
         group = first.q_proj.out_features // first.k_proj.out_features
         supported = kernel is not None and kernel.supports(self.head_dim, group, first.q_proj.weight.dtype)
@@ -133,10 +134,10 @@ class DecodeStep:
         for index, layer in enumerate(self.layers):
             residual = hidden
             normed = layer.input_norm(hidden)
-            q, k, v = packed_linear(normed, layer.qkv, layer.qkv_bias).split(self.split, dim=-1)
-            q, k, v = q.view(shape).transpose(1, 2), k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            qk, v = packed_linear(normed, layer.qkv, layer.qkv_bias).split(self.qk_v, dim=-1)
+            qk, v = qk.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)
+            qk = qk * cos + _rotate_half(qk) * sin  # q and k side by side: one rotary, each element as before
+            q, k = qk[:, : self.heads], qk[:, self.heads :]
             k, v = cache.update(k, v, index)
             if self.native is not None:
                 out = self.native(q, k, v, attended, layer.attention.scaling).view(rows, 1, -1)
