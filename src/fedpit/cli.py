@@ -153,13 +153,13 @@ def cmd_flower(args: argparse.Namespace) -> int:
             submitted = dep.write_submission(home, Path(args.run_dir), config_mod.dumps(config))
             command = dep.submit_command(app, submitted, Path(args.run_dir), args.clients, args.resume)
             received: list[int] = []  # `flwr run` streams the ServerApp's log, in a process group of its own
-            began = time.monotonic()
-            dep.run_foreground(command, env, timeout=args.timeout, received=received)
+            timed_out: list[float] = []
+            dep.run_foreground(command, env, timeout=args.timeout, received=received, timed_out=timed_out)
             if received:  # Ctrl-C or a service manager's SIGTERM: stop following the run, now
                 print(f"stopped following the run; it goes on at the SuperLink until it ends (`flwr stop` ends it): "
                       f"{args.run_dir}", file=sys.stderr)
                 return 128 + received[0]
-            if time.monotonic() - began >= args.timeout:
+            if timed_out:
                 print(f"fedpit: no result after --timeout {args.timeout:g} s: {args.run_dir}", file=sys.stderr)
                 return 1
             # `flwr run --stream` exits 0 even when the ServerApp failed: the run directory says how it ended.

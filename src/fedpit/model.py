@@ -148,7 +148,7 @@ class ModelHandle:
     """bf16 on a CPU: linear layers run on weights packed for oneDNN inside `inference()` (packed.py)."""
     fast_decode_step: bool = True
     """With packed weights, Llama-family models: decoding's one-token steps bypass the model's forward
-    (decode_step.py), bitwise the same logits whenever a row of the batch is padded."""
+    (decode_step.py); with SDPA's attention, bitwise the same logits whenever a row of the batch is padded."""
     native_decode_attention: bool = True
     """In that step, attention by the C kernel of native/decode_attention.py where it builds (not bitwise SDPA)."""
     master: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)

@@ -187,11 +187,11 @@ def test_submit_stops_following_the_run_at_once_on_ctrl_c_or_its_timeout(tmp_pat
     import fedpit.runtimes.flower.deployment as deployment
     from fedpit.cli import main
 
-    def follow(command, env, timeout=None, received=None, **kw):
+    def follow(command, env, timeout=None, received=None, timed_out=None, **kw):
         if ending == "ctrl-c":
             received.append(signal.SIGINT)
         else:
-            time.sleep(timeout)
+            timed_out.append(time.monotonic())
         return 0
     waited = []
     monkeypatch.setattr(deployment, "run_foreground", follow)
@@ -289,6 +289,25 @@ def test_a_flower_process_that_ignores_a_stop_signal_is_terminated_then_killed(t
         for pid in spawned:  # only what this test started, by PID
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("sleeps,timeout", [(0.3, 30.0), (60.0, 1.0)])
+def test_a_timeout_is_recorded_when_it_stops_the_process_and_only_then(sleeps, timeout):
+    """`timed_out` is the wait's own record that its deadline stopped the group, which `fedpit flower submit`
+    reports as "no result after --timeout"; a run that ends by itself is never one, however late it ends."""
+    import signal
+    import sys
+
+    from fedpit.runtimes.flower.deployment import run_foreground
+
+    timed_out: list[float] = []
+    began = time.monotonic()
+    code = run_foreground([sys.executable, "-c", f"import time; time.sleep({sleeps})"], dict(os.environ),
+                          grace=1.0, timeout=timeout, timed_out=timed_out)
+    if sleeps < timeout:
+        assert code == 0 and timed_out == []
+    else:
+        assert code == -signal.SIGTERM and len(timed_out) == 1 and time.monotonic() - began < 15
 
 
 # ------------------------------------------------------------------ TLS, node authentication, SecAgg+

@@ -6,9 +6,10 @@
  * taken four at a time so that the dot products form independent chains the compiler keeps in separate
  * vector registers. Masked positions get a weight of exactly zero.
  *
- * Built at first use with `cc -O3 -march=native -fopenmp` (no -ffast-math: a shared library built with
- * it would switch the whole process to flush-to-zero arithmetic). It links libgomp by its soname, which
- * binds to the copy torch has already loaded, so it shares torch's OpenMP threads and thread count.
+ * Built at first use with `cc -O3 -march=native -fopenmp -fassociative-math` (flags in decode_attention.py).
+ * Not -ffast-math: a shared library built with it switches the whole process to flush-to-zero arithmetic.
+ * It links libgomp by its soname, which binds to the copy torch has already loaded, so it shares torch's
+ * OpenMP threads and thread count.
  */
 #include <stdint.h>
 #include <stdlib.h>

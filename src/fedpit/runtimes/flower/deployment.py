@@ -246,7 +246,7 @@ def submit_command(app_dir: Path, config: Path, run_dir: Path, clients: int, res
 
 def run_foreground(command: list[str], env: dict[str, str], grace: float = 15.0,
                    diagnose: Callable[[str], str | None] | None = None, timeout: float | None = None,
-                   received: list[int] | None = None) -> int:
+                   received: list[int] | None = None, timed_out: list[float] | None = None) -> int:
     """Run a Flower process in the foreground as the leader of its own process group, and pass SIGTERM
     (what a service manager sends) and SIGINT (Ctrl-C) on to that whole group: flower-superlink and
     flower-supernode start flower-superexec processes that would otherwise outlive a stopped helper.
@@ -255,8 +255,10 @@ def run_foreground(command: list[str], env: dict[str, str], grace: float = 15.0,
     `grace` later: the SuperLink's web server, told to stop, waits for open connections to close, and
     a `flwr run` streaming its log from it keeps one open, so without this a Ctrl-C could leave the
     helper, and a script waiting for it, waiting forever. After `timeout` seconds the group gets SIGTERM
-    the same way. The handlers are installed even where the signals were ignored at startup (a
-    background job of a script ignores SIGINT). `received` collects the signals the helper was sent.
+    the same way, and `timed_out` gets the time it happened: whether the run ended or was stopped is the
+    wait's own record, not a guess from the clock afterwards. The handlers are installed even where the
+    signals were ignored at startup (a background job of a script ignores SIGINT). `received` collects the
+    signals the helper was sent.
     With `diagnose`, the output passes through it line by line, and the cause it names is printed
     when the process fails."""
     if diagnose is None:
@@ -286,7 +288,7 @@ def run_foreground(command: list[str], env: dict[str, str], grace: float = 15.0,
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         code = _wait_escalating(process, forwarded, grace, forward,
-                                None if timeout is None else time.monotonic() + timeout)
+                                None if timeout is None else time.monotonic() + timeout, timed_out)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -302,10 +304,10 @@ def run_foreground(command: list[str], env: dict[str, str], grace: float = 15.0,
 
 
 def _wait_escalating(process: subprocess.Popen, forwarded: list[float], grace: float,
-                     send: Callable[[int], None], deadline: float | None) -> int:
+                     send: Callable[[int], None], deadline: float | None, timed_out: list[float] | None = None) -> int:
     """The leader's exit code; while it runs, a stop signal `grace` seconds old is followed by SIGTERM,
     and that by SIGKILL (`send` forwards to the group and notes the time), and a passed `deadline`
-    counts as a SIGTERM."""
+    counts as a SIGTERM (noted in `timed_out`)."""
     escalation = [signal.SIGTERM, signal.SIGKILL]
     while True:
         try:
@@ -313,6 +315,8 @@ def _wait_escalating(process: subprocess.Popen, forwarded: list[float], grace: f
         except subprocess.TimeoutExpired:
             pass
         if not forwarded and deadline is not None and time.monotonic() > deadline:
+            if timed_out is not None:
+                timed_out.append(time.monotonic())
             send(signal.SIGTERM)
         elif forwarded and escalation and time.monotonic() - forwarded[-1] > grace:
             send(escalation.pop(0))
