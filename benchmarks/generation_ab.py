@@ -1,9 +1,9 @@
 """One generation lever on and off, on `make bench`'s self-generation workload, alternated: what it is worth.
 
     python benchmarks/generation_ab.py --lever packing|prefill_attention|continuous|rows|decode_step|native_attention
-                                        [--rows 24] [--repeats 7]
+                                        [--rows 16] [--repeats 7]
 
-Each repeat answers the bench's 32 response prompts (16 rows at a time, at most 128 new tokens, the
+Each repeat answers the bench's 32 response prompts (`synth.batch_size` rows at a time, at most 128 new tokens, the
 bench's stop strings and repetition penalty) once with the lever and once without, the order
 alternated, in one process. `packing` is `model.pack_for_inference` (packed.py); `prefill_attention`
 is the blocked bf16 prefill attention (attention.py), without which prefills take SDPA; `continuous` is
@@ -44,7 +44,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lever", choices=LEVERS, required=True)
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--rows", type=int, default=24, help="rows at a time with the `rows` lever on")
+    parser.add_argument("--rows", type=int, default=16, help="rows at a time with the `rows` lever on")
     args = parser.parse_args()
     torch.manual_seed(0)
     exp = prepare(config_mod.load(REPO / "configs" / "demo.toml", BASE))

@@ -112,7 +112,7 @@ class TrainConfig:
 class SynthConfig:
     num_candidates: int = 32
     max_instructions: int = 128
-    batch_size: int = 16
+    batch_size: int = 32
     num_instruction_demos: int = 8
     num_response_demos: int = 3
     max_redraws: int = 3

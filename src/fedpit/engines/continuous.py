@@ -4,8 +4,8 @@ A row leaves the batch (and the KV cache) as soon as it ends: self-generation st
 before the token budget, and `model.generate` computes every row to the end of the longest. When
 enough rows have left, the next waiting prompts are prefilled together and join the batch
 (`kvcache.absorb`), so a call with more prompts than `max_rows` keeps the batch full instead of
-running each static batch's tail of a few rows: self-generation answers `synth.num_candidates` (32)
-prompts `synth.batch_size` (16) at a time, and evaluation its whole set `eval.batch_size` at a time.
+running each static batch's tail of a few rows: evaluation answers its whole set `eval.batch_size` at a
+time, and self-generation `synth.batch_size` prompts at a time where it has more of them.
 
 Rows are right-aligned (left padding): a row's mask is zeros then ones, its positions count its own
 tokens, and rows that join are padded on the left to the batch's width; positions no row attends to
