@@ -21,7 +21,7 @@ import torch
 
 from fedpit.attention import register as register_attention
 from fedpit.config import LoraConfig, ModelConfig
-from fedpit.decode_step import DecodeStep
+from fedpit.decode_step import DecodeStep, unsupported_reason
 from fedpit.dropout import use_fast_dropout
 from fedpit.errors import ModelError
 from fedpit.memory import keep_freed_memory
@@ -248,8 +248,9 @@ class ModelHandle:
         if self._decode_step is None:
             usable = self.fast_decode_step and self.pack_for_inference
             base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+            usable = usable and unsupported_reason(base) is None
             kernel = None
-            if usable and self.native_decode_attention:
+            if usable and self.native_decode_attention:  # built only where a step will use it: no warning elsewhere
                 kernel = decode_attention.load(cache_root(self.model_config.cache_dir if self.model_config else ""))
             self._decode_step = (DecodeStep.build(base, kernel) if usable else None) or False
         return self._decode_step or None

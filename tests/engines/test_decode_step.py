@@ -226,3 +226,15 @@ def test_generation_calls_the_c_attention_by_default(tiny_model_dir, monkeypatch
     texts = generate(handle, prompts, DecodingOptions(max_new_tokens=10, repetition_penalty=1.2), batch_size=4)
     assert len(texts) == len(prompts) and all(isinstance(text, str) for text in texts)
     assert bool(calls) == (packing_available() and load_kernel(cache_root()) is not None)
+
+
+def test_a_model_the_step_refuses_never_builds_the_c_attention(tiny_model_dir, monkeypatch):
+    """fp32 (or a GPU, or another architecture) keeps the forward: no compiler is asked for, no warning given."""
+    import fedpit.native.decode_attention as native
+
+    loads = []
+    monkeypatch.setattr(native, "load", lambda cache: loads.append(cache))
+    handle = load_model(ModelConfig(name=str(tiny_model_dir), dtype="fp32"), LoraConfig(rank=4, alpha=8))
+    with handle.inference():
+        assert handle.decode_step() is None
+    assert loads == []
