@@ -54,6 +54,17 @@ static inline float exp_nonpositive(float x) {
     return p * scale;
 }
 
+/* Rows t .. t+KEYS-1 of a [keys, dim] bf16 slice (stride `step`) as fp32; past the last key (`n` of them
+ * remain), the first row again, which its zero weight or unused score leaves out of the result. */
+static inline __attribute__((always_inline)) void load_block(float block[KEYS][MAX_DIM], const uint16_t *rows,
+                                                             int64_t t, int64_t n, int64_t step, const int64_t dim) {
+    for (int64_t j = 0; j < KEYS; j++) {
+        const uint16_t *source = rows + (t + (j < n ? j : 0)) * step;
+#pragma omp simd
+        for (int64_t d = 0; d < dim; d++) block[j][d] = from_bf16(source[d]);
+    }
+}
+
 /* One (row, key/value head): `dim` is a compile-time constant where the caller passes one, which lets the
  * compiler unroll the head dimension into whole vector registers. Returns 0, or -1 without memory. */
 static inline __attribute__((always_inline)) int attend(
@@ -75,11 +86,7 @@ static inline __attribute__((always_inline)) int attend(
 
     for (int64_t t = 0; t < keys; t += KEYS) { /* scores: q·k for four keys at a time */
         const int64_t n = keys - t < KEYS ? keys - t : KEYS;
-        for (int64_t j = 0; j < KEYS; j++) {
-            const uint16_t *key = k_item + (t + (j < n ? j : 0)) * k_key;
-#pragma omp simd
-            for (int64_t d = 0; d < dim; d++) block[j][d] = from_bf16(key[d]);
-        }
+        load_block(block, k_item, t, n, k_key, dim);
         for (int64_t g = 0; g < group; g++) {
             float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
 #pragma omp simd reduction(+ : s0, s1, s2, s3)
@@ -111,11 +118,7 @@ static inline __attribute__((always_inline)) int attend(
 
     for (int64_t t = 0; t < keys; t += KEYS) { /* the weighted sum of values, four keys at a time */
         const int64_t n = keys - t < KEYS ? keys - t : KEYS;
-        for (int64_t j = 0; j < KEYS; j++) {
-            const uint16_t *value = v_item + (t + (j < n ? j : 0)) * v_key;
-#pragma omp simd
-            for (int64_t d = 0; d < dim; d++) block[j][d] = from_bf16(value[d]);
-        }
+        load_block(block, v_item, t, n, v_key, dim);
         for (int64_t g = 0; g < group; g++) {
             const float *w = weights + g * keys + t;
             const float p0 = w[0], p1 = n > 1 ? w[1] : 0.0f, p2 = n > 2 ? w[2] : 0.0f, p3 = n > 3 ? w[3] : 0.0f;

@@ -50,9 +50,10 @@ _loaded: dict[Path, DecodeAttention | None] = {}
 class DecodeAttention:
     """softmax(q·Kᵀ·scale, masked)·V for one new token a row, the query heads grouped over their key/value head."""
 
-    def __init__(self, library: ctypes.CDLL, path: Path) -> None:
+    def __init__(self, path: Path) -> None:
+        """The kernel in the library `build` wrote at `path`."""
         self.path = path
-        self._function = library.decode_attention
+        self._function = ctypes.CDLL(str(path)).decode_attention
         self._function.restype = ctypes.c_int
         self._function.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 12 + [ctypes.c_float]
 
@@ -89,8 +90,7 @@ def load(cache: Path) -> DecodeAttention | None:
     cache = Path(cache)
     if cache not in _loaded:
         try:
-            path = build(cache)
-            _loaded[cache] = DecodeAttention(ctypes.CDLL(str(path)), path)
+            _loaded[cache] = DecodeAttention(build(cache))
         except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
             log.warning("the native decode attention is not available (%s); decoding uses the model's attention "
                         "function. Install a C compiler with OpenMP (gcc) or set $CC to one, or set "
