@@ -11,7 +11,9 @@ as SDPA's (tested).
 
 No library we can depend on offers this for torch 2.13 on a CPU: torch.compile of the same
 computation was slower than SDPA, and the CPU extensions that ship such kernels are built for other
-torch versions. So the source ships with fedpit and the system C compiler (`$CC`, else `cc`) builds
+torch versions. torch's own `cpp_extension.load_inline` would build it against torch's headers (tens of
+seconds on 2 cores, and ninja); the kernel needs none of them, so it is plain C loaded with ctypes, built in
+under a second. The source ships with fedpit and the system C compiler (`$CC`, else `cc`) builds
 it once per machine into `<cache>/native/` (`model.cache_dir`, `$FEDPIT_CACHE`, or ~/.cache/fedpit),
 for the machine's own vector instructions (`-march=native`; the file name carries a hash of the source,
 the compiler, the flags and the CPU's features, so a shared cache never serves a library built for
