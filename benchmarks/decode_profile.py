@@ -1,12 +1,12 @@
 """Where a decode step's time goes, and how close it is to the machine's memory bandwidth.
 
     python benchmarks/decode_profile.py [--rows 16] [--context 350] [--dtype auto] [--step engine|forward]
-                                        [--attention native|sdpa]
+                                        [--kernels native|torch]
 
 One prefill of `rows` random prompts of `context` tokens on the embedded SmolLM2 (LoRA merged, as in
 generation), then 20 timed decode steps and 10 profiled ones, each the step the decode loop runs
-(decode_step.py where it applies, with its C attention where that builds, or with SDPA's under
-`--attention sdpa`; `--step forward` for the model's own forward). It prints the step time, the share
+(decode_step.py where it applies, with its C kernels where they build, or with torch's operations and
+SDPA under `--kernels torch`; `--step forward` for the model's own forward). It prints the step time, the share
 of each kind of operation (the linear layers by shape, the LM head, attention, the rest), and the bytes
 a step must read from memory: every weight once (the batch shares them) plus every row's keys and values
 in every layer. Bytes / step time is the bandwidth the step achieves. When that is close to what the
@@ -38,12 +38,13 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--step", choices=("engine", "forward"), default="engine",
                         help="the decode loop's step (decode_step.py where it applies) or the model's forward")
-    parser.add_argument("--attention", choices=("native", "sdpa"), default="native",
-                        help="the engine step's attention: the C kernel (native/decode_attention.py) or SDPA")
+    parser.add_argument("--kernels", choices=("native", "torch"), default="native",
+                        help="the engine step's attention and element-wise work: the C kernels (native/kernels.py) "
+                             "or torch's operations and SDPA")
     args = parser.parse_args()
     handle = load_model(ModelConfig(name=resolve_model_path("smollm2-135m-instruct"), dtype=args.dtype),
                         LoraConfig(rank=16, alpha=32, target_modules=TARGETS))
-    handle.native_decode_attention = args.attention == "native"
+    handle.native_decode = args.kernels == "native"
     rows, context = args.rows, args.context
     with handle.inference():
         model = handle.model
@@ -75,14 +76,9 @@ def main() -> None:
         for _ in range(20):
             step()
         seconds = (time.perf_counter() - start) / 20
-        if fast is not None and fast.native is not None:  # a C call, which the profiler cannot see: label it
-            kernel = fast.native
-
-            def labelled(*inputs):
-                with torch.profiler.record_function("fedpit::decode_attention"):
-                    return kernel(*inputs)
-
-            fast.native = labelled
+        if fast is not None and fast.native is not None:  # C calls, which the profiler cannot see: label them
+            for name in ("attention", "add_rms_norm", "rotary", "silu_mul"):
+                setattr(fast.native, name, _labelled(getattr(fast.native, name), f"fedpit::{name}"))
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             for _ in range(10):
                 step()
@@ -97,20 +93,30 @@ def main() -> None:
             kind = "LM head" if vocab in shapes[1] else f"linear {shapes[1][1]}->{shapes[1][0]}"
         elif "scaled_dot_product" in name:
             kind = "attention (SDPA)"
-        elif name == "fedpit::decode_attention":
+        elif name == "fedpit::attention":
             kind = "attention (C kernel)"
+        elif name.startswith("fedpit::"):
+            kind = "norms, rotary, activation (C)"
         else:
             kind = "everything else"
         kinds[kind] += event.self_cpu_time_total
     total = sum(kinds.values())
     kv = sum(2 * layer.keys.numel() * layer.keys.element_size() for layer in cache.layers)
     print(f"{rows} rows, context {context}-{context + 33} tokens, {model.dtype}, {torch.get_num_threads()} threads")
-    how = "the model's forward" if fast is None else "decode_step.py" + (", C attention" if fast.native else "")
+    how = "the model's forward" if fast is None else "decode_step.py" + (", C kernels" if fast.native else "")
     print(f"decode step ({how}): {seconds * 1e3:.1f} ms ({rows / seconds:.0f} new tokens/s)")
     for kind, micros in sorted(kinds.items(), key=lambda item: -item[1]):
         print(f"  {kind:28s} {micros / total:6.1%}")
     print(f"bytes a step reads: weights {weights / 2**20:.0f} MiB + keys/values {kv / 2**20:.0f} MiB "
           f"-> {(weights + kv) / seconds / 1e9:.1f} GB/s achieved")
+
+
+def _labelled(function, label: str):
+    def labelled(*inputs):
+        with torch.profiler.record_function(label):
+            return function(*inputs)
+
+    return labelled
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """One generation lever on and off, on `make bench`'s self-generation workload, alternated: what it is worth.
 
-    python benchmarks/generation_ab.py --lever packing|prefill_attention|continuous|rows|decode_step|native_attention
+    python benchmarks/generation_ab.py --lever packing|prefill_attention|continuous|rows|decode_step|native
                                         [--rows 16] [--repeats 7]
 
 Each repeat answers the bench's 32 response prompts (`synth.batch_size` rows at a time, at most 128 new tokens, the
@@ -9,10 +9,10 @@ alternated, in one process. `packing` is `model.pack_for_inference` (packed.py);
 is the blocked bf16 prefill attention (attention.py), without which prefills take SDPA; `continuous` is
 continuous batching (engines/continuous.py), without which prompts are decoded in static batches; `rows` decodes
 `--rows` rows at a time against `synth.batch_size`'s default; `decode_step` is `model.fast_decode_step`
-(decode_step.py), without which every decode step is the model's forward; `native_attention` is
-`model.native_decode_attention` (native/decode_attention.py), without which that step's attention is SDPA. Prints what
+(decode_step.py), without which every decode step is the model's forward; `native` is `model.native_decode`
+(native/kernels.py), without which that step's attention is SDPA and its element-wise work torch's. Prints what
 training_ab.py prints, for new tokens/s, and the seconds per call: a lever that changes bf16 numbers
-(prefill_attention, native_attention) may change the text, and with it how many tokens there are to count.
+(prefill_attention, native) may change the text, and with it how many tokens there are to count.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from fedpit.config import SynthConfig  # noqa: E402
 from fedpit.engines.generation import DecodingOptions, generate  # noqa: E402
 from fedpit.runtimes.local import prepare  # noqa: E402
 
-LEVERS = ("packing", "prefill_attention", "continuous", "rows", "decode_step", "native_attention")
+LEVERS = ("packing", "prefill_attention", "continuous", "rows", "decode_step", "native")
 BLOCKED = attention.uses_blocked_attention
 
 
@@ -62,8 +62,8 @@ def main() -> None:
             handle.pack_for_inference = on
         elif args.lever == "decode_step":
             handle.fast_decode_step = on
-        elif args.lever == "native_attention":
-            handle.native_decode_attention = on
+        elif args.lever == "native":
+            handle.native_decode = on
         elif args.lever == "continuous":
             options = replace(options, continuous_batching=on)
         else:

@@ -38,7 +38,7 @@ class ModelConfig:
     merge_for_inference: bool = True
     pack_for_inference: bool = True
     fast_decode_step: bool = True
-    native_decode_attention: bool = True
+    native_decode: bool = True
     quantization: str = "none"
 
 

@@ -11,10 +11,11 @@ it computes each weight's: tested), so its logits are bitwise the model's forwar
 One exception: with no padded row at all, transformers passes SDPA no mask and it takes its grouped-query
 path (several times slower on a CPU); the step keeps the masked path, which rounds differently in bf16.
 
-Given the C decode attention (native/decode_attention.py, `model.native_decode_attention`), the step calls it
-instead of the attention function: about 2.5x faster than SDPA's CPU kernel, 1.16x per generation call on
-the bench's workload, and as close to an exact attention as SDPA, but not bitwise SDPA, so bf16 text can
-differ from the forward's.
+Given the C decode kernels (native/kernels.py, `model.native_decode`), the step runs everything but the
+products in them: the attention (about 2.5x faster than SDPA's CPU kernel, as close to an exact attention as
+SDPA, not bitwise SDPA) and, in one call each, the norms with their residual sums, the rotary embedding and
+the MLP's activation (8 rows, ~300 tokens: a step of 21 against 27 ms with only the attention in C). The
+logits are then the forward's up to bf16 rounding, not bitwise, so bf16 text can differ from the forward's.
 
 It is used where packed weights are (packed.py: bf16 on a CPU whose oneDNN computes them exactly), for the
 architectures whose decoder layer it mirrors (`SUPPORTED`) with full attention in every layer; everything
@@ -30,7 +31,7 @@ import torch
 from torch import nn
 
 from fedpit.attention import ATTENTION
-from fedpit.native.decode_attention import DecodeAttention
+from fedpit.native.kernels import DecodeKernels
 from fedpit.packed import PackedLinear, pack_weight, packed_linear, packing_available
 
 SUPPORTED = frozenset({"llama", "mistral", "qwen2"})
@@ -94,7 +95,7 @@ class DecodeStep:
     """`model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions[:, None],
     past_key_values=cache).logits[:, -1]`, computed without the model's forward. Build with `build`."""
 
-    def __init__(self, model: nn.Module, kernel: DecodeAttention | None = None) -> None:
+    def __init__(self, model: nn.Module, kernels: DecodeKernels | None = None) -> None:
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         inner, config = model.model, model.config
@@ -112,29 +113,32 @@ class DecodeStep:
         first = inner.layers[0].self_attn
         self.head_dim = first.head_dim
         self.heads = first.q_proj.out_features // self.head_dim
+        self.kv_heads = first.k_proj.out_features // self.head_dim
         self.qk_v = [first.q_proj.out_features + first.k_proj.out_features, first.v_proj.out_features]
         self.intermediate = inner.layers[0].mlp.gate_proj.out_features
-        group = first.q_proj.out_features // first.k_proj.out_features
-        supported = kernel is not None and kernel.supports(self.head_dim, group, first.q_proj.weight.dtype)
-        self.native = kernel if supported else None
-        """The C decode attention (native/decode_attention.py) in place of the model's attention function."""
+        supported = kernels is not None and _kernels_compute(model) and \
+            kernels.supports(self.head_dim, self.heads // self.kv_heads, first.q_proj.weight.dtype)
+        self.native = kernels if supported else None
+        """The C decode kernels (native/kernels.py) in place of torch's operations and the attention function."""
 
     @classmethod
-    def build(cls, model: nn.Module, kernel: DecodeAttention | None = None) -> DecodeStep | None:
+    def build(cls, model: nn.Module, kernels: DecodeKernels | None = None) -> DecodeStep | None:
         """The step for `model` (the transformers causal LM, inside `ModelHandle.inference`, its linear
-        layers packed), or None where it would not be exactly the model's forward. With `kernel`, the
-        step's attention is that kernel's: the same computation, rounded differently."""
-        return None if unsupported_reason(model) else cls(model, kernel)
+        layers packed), or None where it would not be exactly the model's forward. With `kernels`, the
+        step computes the same in C, rounded differently."""
+        return None if unsupported_reason(model) else cls(model, kernels)
 
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
         """Logits [rows, vocabulary] for the token after `tokens` [rows]; `mask` [rows, positions] covers
         the cache's positions and the new one (1: attended), `positions` [rows] are the new tokens'."""
+        if self.native is not None:
+            return self._native_step(tokens, mask, positions, cache)
         rows = tokens.shape[0]
         hidden = self.embed(tokens[:, None])
         cos, sin = self.rotary(hidden, positions[:, None])
         cos, sin = cos[:, None], sin[:, None]  # over the heads, as the model's apply_rotary_pos_emb
-        attended = mask.bool() if self.native is not None else mask[:, None, None, :].bool()
+        attended = mask[:, None, None, :].bool()
         shape = (rows, 1, -1, self.head_dim)
         for index, layer in enumerate(self.layers):
             residual = hidden
@@ -144,17 +148,47 @@ class DecodeStep:
             qk = qk * cos + _rotate_half(qk) * sin  # q and k side by side: one rotary, each element as before
             q, k = qk[:, : self.heads], qk[:, self.heads :]
             k, v = cache.update(k, v, index)
-            if self.native is not None:
-                out = self.native(q, k, v, attended, layer.attention.scaling).view(rows, 1, -1)
-            else:
-                out, _ = self.attend(layer.attention, q, k, v, attended, dropout=0.0, scaling=layer.attention.scaling)
-                out = out.reshape(rows, 1, -1).contiguous()
-            hidden = residual + packed_linear(out, layer.o.packed, layer.o.bias)
+            out, _ = self.attend(layer.attention, q, k, v, attended, dropout=0.0, scaling=layer.attention.scaling)
+            hidden = residual + packed_linear(out.reshape(rows, 1, -1).contiguous(), layer.o.packed, layer.o.bias)
             residual = hidden
             normed = layer.post_norm(hidden)
             gate, up = packed_linear(normed, layer.gate_up, layer.gate_up_bias).split(self.intermediate, dim=-1)
             hidden = residual + packed_linear(layer.act(gate) * up, layer.down.packed, layer.down.bias)
         return packed_linear(self.norm(hidden), self.head.packed, self.head.bias)[:, -1]
+
+    def _native_step(self, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+        """The same layers with everything but the products in C: the residual stream `hidden` is summed in
+        place, each norm taking the last sub-layer's output `delta` with it, and buffers serve every layer."""
+        kernels, rows, dim = self.native, tokens.shape[0], self.head_dim
+        hidden = self.embed(tokens)  # [rows, width]
+        cos, sin = (t.view(rows, dim) for t in self.rotary(hidden, positions[:, None]))
+        attended = mask.bool()
+        normed = torch.empty_like(hidden)
+        q, k = hidden.new_empty((rows, self.heads, 1, dim)), hidden.new_empty((rows, self.kv_heads, 1, dim))
+        activated = hidden.new_empty((rows, self.intermediate))
+        delta = None
+        for index, layer in enumerate(self.layers):
+            kernels.add_rms_norm(hidden, delta, layer.input_norm.weight, normed, layer.input_norm.variance_epsilon)
+            qkv = packed_linear(normed, layer.qkv, layer.qkv_bias)
+            kernels.rotary(qkv, cos, sin, q.view(rows, self.heads, dim), k.view(rows, self.kv_heads, dim))
+            keys, values = cache.update(k, qkv[:, self.qk_v[0] :].view(rows, self.kv_heads, 1, dim), index)
+            out = kernels.attention(q, keys, values, attended, layer.attention.scaling)
+            delta = packed_linear(out.view(rows, -1), layer.o.packed, layer.o.bias)
+            kernels.add_rms_norm(hidden, delta, layer.post_norm.weight, normed, layer.post_norm.variance_epsilon)
+            kernels.silu_mul(packed_linear(normed, layer.gate_up, layer.gate_up_bias), activated)
+            delta = packed_linear(activated, layer.down.packed, layer.down.bias)
+        kernels.add_rms_norm(hidden, delta, self.norm.weight, normed, self.norm.variance_epsilon)
+        return packed_linear(normed, self.head.packed, self.head.bias)
+
+
+def _kernels_compute(model: nn.Module) -> bool:
+    """Whether the C kernels' activation and norms are the model's: SiLU gating, and the RMSNorm of the
+    architectures in `SUPPORTED` (a weight and an epsilon, computed in fp32 and rounded before the weight)."""
+    norms = [model.model.norm]
+    for layer in model.model.layers:
+        norms += [layer.input_layernorm, layer.post_attention_layernorm]
+    return getattr(model.config, "hidden_act", None) == "silu" and all(
+        hasattr(n, "variance_epsilon") and getattr(n, "weight", None) is not None for n in norms)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from fedpit.decode_step import DecodeStep, unsupported_reason
 from fedpit.dropout import use_fast_dropout
 from fedpit.errors import ModelError
 from fedpit.memory import keep_freed_memory
-from fedpit.native import decode_attention
+from fedpit.native import kernels as native_kernels
 from fedpit.packed import pack_linears, unpack
 from fedpit.types import AdapterState
 
@@ -149,8 +149,9 @@ class ModelHandle:
     fast_decode_step: bool = True
     """With packed weights, Llama-family models: decoding's one-token steps bypass the model's forward
     (decode_step.py); with SDPA's attention, bitwise the same logits whenever a row of the batch is padded."""
-    native_decode_attention: bool = True
-    """In that step, attention by the C kernel of native/decode_attention.py where it builds (not bitwise SDPA)."""
+    native_decode: bool = True
+    """In that step, attention, norms, rotary embedding and activation by the C kernels of native/ where they
+    build (rounded differently from torch's operations, so not bitwise the forward)."""
     master: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     """fp32 values of the adapter when the LoRA layers hold a lower-precision copy; empty in fp32."""
     _merged: bool = field(default=False, repr=False)
@@ -249,10 +250,10 @@ class ModelHandle:
             usable = self.fast_decode_step and self.pack_for_inference
             base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
             usable = usable and unsupported_reason(base) is None
-            kernel = None
-            if usable and self.native_decode_attention:  # built only where a step will use it: no warning elsewhere
-                kernel = decode_attention.load(cache_root(self.model_config.cache_dir if self.model_config else ""))
-            self._decode_step = (DecodeStep.build(base, kernel) if usable else None) or False
+            kernels = None
+            if usable and self.native_decode:  # built only where a step will use them: no warning elsewhere
+                kernels = native_kernels.load(cache_root(self.model_config.cache_dir if self.model_config else ""))
+            self._decode_step = (DecodeStep.build(base, kernels) if usable else None) or False
         return self._decode_step or None
 
     def compatible(self, model_config: ModelConfig, lora_config: LoraConfig) -> bool:
@@ -358,7 +359,7 @@ def load_model(model_config: ModelConfig, lora_config: LoraConfig, seed: int = 0
                        merge_for_inference=model_config.merge_for_inference,
                        pack_for_inference=model_config.pack_for_inference,
                        fast_decode_step=model_config.fast_decode_step,
-                       native_decode_attention=model_config.native_decode_attention)
+                       native_decode=model_config.native_decode)
 
 
 def quantization_kwargs(mode: str, device: torch.device, dtype: torch.dtype) -> dict:

@@ -1,5 +1,5 @@
 """The one-token decode step outside transformers' forward (decode_step.py): bitwise the model's logits and
-cache for left-padded batches on Llama, Mistral and Qwen2 layouts; with the C decode attention, close to them;
+cache for left-padded batches on Llama, Mistral and Qwen2 layouts; with the C decode kernels, close to them;
 used by the decode loop only inside `ModelHandle.inference()` with packed weights; rebuilt with each block's
 merged weights; and left out for every model, dtype or machine it does not mirror exactly."""
 
@@ -14,8 +14,8 @@ from fedpit.decode_step import DecodeStep, unsupported_reason
 from fedpit.engines.generation import DecodingOptions, generate
 from fedpit.engines.kvcache import preallocated_cache
 from fedpit.model import cache_root, load_model
-from fedpit.native.decode_attention import DecodeAttention
-from fedpit.native.decode_attention import load as load_kernel
+from fedpit.native.kernels import DecodeKernels
+from fedpit.native.kernels import load as load_kernels
 from fedpit.packed import pack_linears, packing_available, unpack
 
 BF16 = torch.bfloat16
@@ -104,25 +104,50 @@ def test_step_is_bitwise_the_forward_on_padded_batches(layout):
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_with_the_c_attention_it_stays_close_to_the_forward(layout, tmp_path, monkeypatch):
-    """The kernel's attention rounds differently from SDPA's (native/decode_attention.py), so the step's logits
-    are the forward's up to bf16 rounding, and every layer's attention goes through the kernel."""
-    kernel = load_kernel(tmp_path)
-    assert kernel is not None, "the tests need a C compiler (gcc); fedpit without one keeps SDPA"
+def test_with_the_c_kernels_it_stays_close_to_the_forward(layout, tmp_path, monkeypatch):
+    """The kernels round differently from torch's operations and SDPA (native/kernels.py), so the step's logits
+    are the forward's up to bf16 rounding, and every layer's attention, norms, rotary embedding and activation
+    go through them."""
+    kernels = load_kernels(tmp_path)
+    assert kernels is not None, "the tests need a C compiler (gcc); fedpit without one keeps torch's operations"
     model, swapped = _packed_model(layout)
-    step = DecodeStep.build(model, kernel)
+    step = DecodeStep.build(model, kernels)
     if step is None:  # no oneDNN bf16 here: nothing is packed, and the step is never built
         assert not packing_available()
         return
-    assert step.native is kernel
-    calls = []
-    real_call = DecodeAttention.__call__
-    monkeypatch.setattr(DecodeAttention, "__call__", lambda self, *args: calls.append(1) or real_call(self, *args))
+    assert step.native is kernels
+    calls = {name: [] for name in ("attention", "add_rms_norm", "rotary", "silu_mul")}
+    for name, record in calls.items():
+        real = getattr(DecodeKernels, name)
+        monkeypatch.setattr(DecodeKernels, name,
+                            lambda self, *args, real=real, record=record: record.append(1) or real(self, *args))
     with torch.inference_mode():
         theirs, ours, _, _ = _steps(model, step, *_batch(5, 11, padded=True))
-    assert len(calls) == 4 * model.config.num_hidden_layers  # four steps, every layer
+    layers = model.config.num_hidden_layers
+    assert {name: len(record) for name, record in calls.items()} == {  # four steps, every layer
+        "attention": 4 * layers, "rotary": 4 * layers, "silu_mul": 4 * layers, "add_rms_norm": 4 * (2 * layers + 1)}
     for their_logits, our_logits in zip(theirs, ours, strict=True):
         torch.testing.assert_close(our_logits.float(), their_logits.float(), atol=0.05, rtol=0.02)
+    unpack(swapped)
+
+
+def test_an_activation_the_kernels_lack_keeps_torchs_operations(tmp_path):
+    """A Llama layout with GELU gating: the C kernels compute SiLU only, so the step keeps torch's operations
+    (and with them bitwise the forward's logits) rather than computing another model."""
+    kernels = load_kernels(tmp_path)
+    assert kernels is not None, "the tests need a C compiler (gcc)"
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**SIZES, hidden_act="gelu")).to(BF16).eval().requires_grad_(False)
+    model.set_attn_implementation("sdpa")
+    swapped = pack_linears(model)
+    step = DecodeStep.build(model, kernels)
+    if step is None:
+        assert not packing_available()
+        return
+    assert step.native is None
+    with torch.inference_mode():
+        theirs, ours, _, _ = _steps(model, step, *_batch(3, 9, padded=True), count=2)
+    assert all(torch.equal(a, b) for a, b in zip(theirs, ours, strict=True))
     unpack(swapped)
 
 
@@ -177,7 +202,7 @@ def _trained_looking(handle, seed):
 
 def test_handle_builds_it_per_inference_block_with_that_blocks_weights(tiny_model_dir):
     handle = load_model(ModelConfig(name=str(tiny_model_dir), dtype="bf16"), LoraConfig(rank=4, alpha=8))
-    handle.native_decode_attention = False  # SDPA's attention: bitwise the forward
+    handle.native_decode = False  # torch's operations and SDPA: bitwise the forward
     with pytest.raises(RuntimeError, match="outside ModelHandle.inference"):
         handle.decode_step()
     ids, mask = _batch(3, 10, padded=True)
@@ -192,9 +217,9 @@ def test_handle_builds_it_per_inference_block_with_that_blocks_weights(tiny_mode
             base = handle.model.get_base_model()
             theirs, ours, _, _ = _steps(base, step, ids, mask, count=2)
             assert all(torch.equal(a, b) for a, b in zip(theirs, ours, strict=True))
-    handle.native_decode_attention = True  # the default: the C attention wherever it builds
+    handle.native_decode = True  # the default: the C kernels wherever they build
     with handle.inference():
-        assert handle.decode_step().native is load_kernel(cache_root()) is not None
+        assert handle.decode_step().native is load_kernels(cache_root()) is not None
     handle.fast_decode_step = False
     with handle.inference():
         assert handle.decode_step() is None
@@ -202,7 +227,7 @@ def test_handle_builds_it_per_inference_block_with_that_blocks_weights(tiny_mode
 
 def test_generation_uses_it_and_writes_the_same_text(tiny_model_dir, monkeypatch):
     handle = load_model(ModelConfig(name=str(tiny_model_dir), dtype="bf16"), LoraConfig(rank=4, alpha=8))
-    handle.native_decode_attention = False  # SDPA's attention: the same text as the forward
+    handle.native_decode = False  # torch's operations and SDPA: the same text as the forward
     handle.set_adapter(_trained_looking(handle, 1))
     calls = []
     real_call = DecodeStep.__call__
@@ -216,22 +241,22 @@ def test_generation_uses_it_and_writes_the_same_text(tiny_model_dir, monkeypatch
     assert generate(handle, prompts, options, batch_size=4) == fast and not calls
 
 
-def test_generation_calls_the_c_attention_by_default(tiny_model_dir, monkeypatch):
+def test_generation_calls_the_c_kernels_by_default(tiny_model_dir, monkeypatch):
     handle = load_model(ModelConfig(name=str(tiny_model_dir), dtype="bf16"), LoraConfig(rank=4, alpha=8))
     handle.set_adapter(_trained_looking(handle, 1))
     calls = []
-    real_call = DecodeAttention.__call__
-    monkeypatch.setattr(DecodeAttention, "__call__", lambda self, *args: calls.append(1) or real_call(self, *args))
+    real_call = DecodeKernels.attention
+    monkeypatch.setattr(DecodeKernels, "attention", lambda self, *args: calls.append(1) or real_call(self, *args))
     prompts = ["one", "two words here", "a longer prompt than the others, with commas", "short again"]
     texts = generate(handle, prompts, DecodingOptions(max_new_tokens=10, repetition_penalty=1.2), batch_size=4)
     assert len(texts) == len(prompts) and all(isinstance(text, str) for text in texts)
-    assert load_kernel(cache_root()) is not None, "the tests need a C compiler (gcc)"
+    assert load_kernels(cache_root()) is not None, "the tests need a C compiler (gcc)"
     assert bool(calls) == packing_available()
 
 
-def test_a_model_the_step_refuses_never_builds_the_c_attention(tiny_model_dir, monkeypatch):
+def test_a_model_the_step_refuses_never_builds_the_c_kernels(tiny_model_dir, monkeypatch):
     """fp32 (or a GPU, or another architecture) keeps the forward: no compiler is asked for, no warning given."""
-    import fedpit.native.decode_attention as native
+    import fedpit.native.kernels as native
 
     loads = []
     monkeypatch.setattr(native, "load", lambda cache: loads.append(cache))

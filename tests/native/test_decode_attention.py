@@ -1,24 +1,15 @@
-"""The C decode attention (native/decode_attention.py): equal to an fp64 softmax attention up to bf16 rounding, on
-cache views, grouped query heads, head sizes it specialises and those it does not, and left padding whose keys
-and values are huge; built once per cache and never half-written; without a compiler, None and a warning."""
+"""The C decode attention (native/kernels.py): equal to an fp64 softmax attention up to bf16 rounding, on cache
+views, grouped query heads, head sizes it specialises and those it does not, and left padding whose keys and
+values are huge; and it refuses what it was not built for."""
 
 from __future__ import annotations
-
-import logging
 
 import pytest
 import torch
 
-from fedpit.native import decode_attention
-from fedpit.native.decode_attention import DecodeAttention, build, load
+from fedpit.native.kernels import DecodeKernels
 
 BF16 = torch.bfloat16
-
-
-@pytest.fixture(scope="module")
-def kernel(tmp_path_factory) -> DecodeAttention:
-    """The tests need the C compiler that fedpit itself can do without (it falls back to SDPA, tested last)."""
-    return DecodeAttention(build(tmp_path_factory.mktemp("cache")))  # without a compiler: 'no C compiler'
 
 
 def _inputs(rows: int, kv_heads: int, group: int, keys: int, dim: int, seed: int = 0):
@@ -55,10 +46,10 @@ def _reference(q, k, v, attended, scale):
     (5, 1, 7, 50, 8),     # a head size the kernel does not specialise
     (2, 4, 1, 9, 256),    # no grouping, the largest head
 ])
-def test_equals_an_fp64_attention_up_to_bf16_rounding(kernel, rows, kv_heads, group, keys, dim):
+def test_equals_an_fp64_attention_up_to_bf16_rounding(kernels, rows, kv_heads, group, keys, dim):
     q, k, v, attended = _inputs(rows, kv_heads, group, keys, dim)
     scale = dim ** -0.5
-    ours = kernel(q, k, v, attended, scale)
+    ours = kernels.attention(q, k, v, attended, scale)
     assert ours.shape == (rows, kv_heads * group, dim) and ours.dtype == BF16
     expected = _reference(q, k, v, attended, scale)
     torch.testing.assert_close(ours.double(), expected, atol=4e-3, rtol=8e-3)  # about one bf16 step
@@ -69,39 +60,19 @@ def test_equals_an_fp64_attention_up_to_bf16_rounding(kernel, rows, kv_heads, gr
     assert (ours.double() - expected).abs().max() <= (sdpa.double() - expected).abs().max() + 2e-3
 
 
-def test_refuses_what_it_was_not_built_for(kernel):
+def test_refuses_what_it_was_not_built_for(kernels):
     q, k, v, attended = _inputs(2, 2, 2, 8, 64)
     scale = 0.125
     with pytest.raises(ValueError, match="one bf16 query"):
-        kernel(q.float(), k, v, attended, scale)
+        kernels.attention(q.float(), k, v, attended, scale)
     with pytest.raises(ValueError, match="one bf16 query"):
-        kernel(torch.cat([q, q], dim=2), k, v, attended, scale)  # two query positions
+        kernels.attention(torch.cat([q, q], dim=2), k, v, attended, scale)  # two query positions
     with pytest.raises(ValueError, match="contiguous last dimension"):
-        kernel(q, k.transpose(-1, -2).contiguous().transpose(-1, -2), v, attended, scale)
+        kernels.attention(q, k.transpose(-1, -2).contiguous().transpose(-1, -2), v, attended, scale)
     with pytest.raises(ValueError, match="attended must be a bool"):
-        kernel(q, k, v, attended.long(), scale)
+        kernels.attention(q, k, v, attended.long(), scale)
     with pytest.raises(ValueError, match="attended must be a bool"):
-        kernel(q, k, v, attended[:, 1:], scale)
-    assert not DecodeAttention.supports(512, 2, BF16) and not DecodeAttention.supports(64, 32, BF16)
-    assert not DecodeAttention.supports(64, 2, torch.float32) and DecodeAttention.supports(64, 3, BF16)
-
-
-def test_built_once_per_cache_and_never_half_written(tmp_path, monkeypatch):
-    first = build(tmp_path)
-    stamp = first.stat().st_mtime_ns
-    compiled = []
-    real_run = decode_attention.subprocess.run
-    monkeypatch.setattr(decode_attention.subprocess, "run",
-                        lambda command, **kw: compiled.append(command) or real_run(command, **kw))
-    assert build(tmp_path) == first and first.stat().st_mtime_ns == stamp
-    assert all("--version" in command for command in compiled)  # asked the compiler who it is, built nothing
-    assert [p.name for p in (tmp_path / "native").iterdir()] == [first.name]  # no temporary file left
-
-
-@pytest.mark.parametrize("compiler,reason", [("/nonexistent/cc", "no C compiler"), ("false", "failed to build")])
-def test_without_a_working_compiler_it_is_none_and_says_why(tmp_path, monkeypatch, caplog, compiler, reason):
-    monkeypatch.setenv("CC", compiler)
-    with caplog.at_level(logging.WARNING, logger="fedpit.native.decode_attention"):
-        assert load(tmp_path) is None
-    assert reason in caplog.text and "model.native_decode_attention = false" in caplog.text
-    assert not list(tmp_path.rglob("*.so"))  # nothing half-built left behind
+        kernels.attention(q, k, v, attended[:, 1:], scale)
+    assert not DecodeKernels.supports(512, 2, BF16) and not DecodeKernels.supports(64, 32, BF16)
+    assert not DecodeKernels.supports(64, 2, torch.float32) and DecodeKernels.supports(64, 3, BF16)
+    assert not DecodeKernels.supports(63, 1, BF16)  # the rotary embedding rotates halves
