@@ -15,7 +15,8 @@ Given the C decode kernels (native/kernels.py, `model.native_decode`), the step 
 products in them: the attention (about 2.5x faster than SDPA's CPU kernel, as close to an exact attention as
 SDPA, not bitwise SDPA) and, in one call each, the norms with their residual sums, the rotary embedding and
 the MLP's activation (8 rows, ~300 tokens: a step of 24.0 ms, against 26.1 with only the attention in C and
-34.7 with torch's operations and SDPA; `benchmarks/decode_profile.py`). The logits are then the forward's up to bf16 rounding, not bitwise, so bf16 text can differ from the forward's.
+34.7 with torch's operations and SDPA; `benchmarks/decode_profile.py`). The logits are then the forward's up
+to bf16 rounding, not bitwise, so bf16 text can differ from the forward's.
 
 It is used where packed weights are (packed.py: bf16 on a CPU whose oneDNN computes them exactly), for the
 architectures whose decoder layer it mirrors (`SUPPORTED`) with full attention in every layer; everything
