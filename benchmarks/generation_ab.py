@@ -1,7 +1,7 @@
 """One generation lever on and off, on `make bench`'s self-generation workload, alternated: what it is worth.
 
-    python benchmarks/generation_ab.py --lever packing|prefill_attention|continuous|rows|decode_step|native
-                                        [--rows 16] [--repeats 7]
+    python benchmarks/generation_ab.py [--rows 16] [--repeats 7]
+        --lever packing|prefill_attention|continuous|rows|decode_step|native|prefill_groups
 
 Each repeat answers the bench's 32 response prompts (`synth.batch_size` rows at a time, at most 128 new tokens, the
 bench's stop strings and repetition penalty) once with the lever and once without, the order
@@ -10,7 +10,9 @@ is the blocked bf16 prefill attention (attention.py), without which prefills tak
 continuous batching (engines/continuous.py), without which prompts are decoded in static batches; `rows` decodes
 `--rows` rows at a time against `synth.batch_size`'s default; `decode_step` is `model.fast_decode_step`
 (decode_step.py), without which every decode step is the model's forward; `native` is `model.native_decode`
-(native/kernels.py), without which that step's attention is SDPA and its element-wise work torch's. Prints what
+(native/kernels.py), without which that step's attention is SDPA and its element-wise work torch's;
+`prefill_groups` prefills prompts in groups of similar length (engines/continuous.py), without which each batch
+of prompts is one padded forward. Prints what
 training_ab.py prints, for new tokens/s, and the seconds per call: a lever that changes bf16 numbers
 (prefill_attention, native) may change the text, and with it how many tokens there are to count.
 """
@@ -33,11 +35,13 @@ from training_ab import report  # noqa: E402
 from fedpit import attention  # noqa: E402
 from fedpit import config as config_mod  # noqa: E402
 from fedpit.config import SynthConfig  # noqa: E402
+from fedpit.engines import continuous  # noqa: E402
 from fedpit.engines.generation import DecodingOptions, generate  # noqa: E402
 from fedpit.runtimes.local import prepare  # noqa: E402
 
-LEVERS = ("packing", "prefill_attention", "continuous", "rows", "decode_step", "native")
+LEVERS = ("packing", "prefill_attention", "continuous", "rows", "decode_step", "native", "prefill_groups")
 BLOCKED = attention.uses_blocked_attention
+GROUP_COST = continuous.PREFILL_GROUP_COST
 
 
 def main() -> None:
@@ -64,6 +68,8 @@ def main() -> None:
             handle.fast_decode_step = on
         elif args.lever == "native":
             handle.native_decode = on
+        elif args.lever == "prefill_groups":
+            continuous.PREFILL_GROUP_COST = GROUP_COST if on else 10**9  # off: one group, whatever the lengths
         elif args.lever == "continuous":
             options = replace(options, continuous_batching=on)
         else:

@@ -96,9 +96,9 @@ def test_continuous_batching_gives_each_prompt_what_it_gets_alone(sensitive_mode
     joins: list[tuple[int, int]] = []
     real_join = continuous._join
 
-    def spy(rows, cache, group, group_cache, max_new_tokens):
-        joins.append((len(rows), len(group)))
-        real_join(rows, cache, group, group_cache, max_new_tokens)
+    def spy(rows, cache, groups, max_new_tokens):
+        joins.append((len(rows), sum(len(group) for group, _ in groups)))
+        real_join(rows, cache, groups, max_new_tokens)
 
     monkeypatch.setattr(continuous, "_join", spy)
     free = generate(handle, prompts, DecodingOptions(max_new_tokens=12), batch_size=1)
@@ -114,6 +114,40 @@ def test_continuous_batching_gives_each_prompt_what_it_gets_alone(sensitive_mode
         assert generate(handle, prompts, replace(options, continuous_batching=False), batch_size=4) == together
         assert not joins, "static batches should not take prompts mid-decode"
         assert len(set(together)) > 3, "outputs should differ between prompts for the test to mean anything"
+
+
+@pytest.mark.parametrize("lengths,cost,sizes", [
+    ([300, 298, 296, 100, 98], 64, [3, 2]),  # 1,228 tokens in two forwards against 1,564 in one
+    ([300, 298, 296, 100, 98], 10**6, [5]),  # a forward dearer than any padding: one group
+    ([300, 300, 200, 200, 200], 0, [2, 3]),  # free forwards: one group per length
+    ([120] * 6, 0, [6]),
+    ([], 64, []),
+])
+def test_prefill_groups_minimise_padded_tokens_plus_a_cost_per_forward(lengths, cost, sizes):
+    assert continuous.prefill_groups(lengths, cost) == sizes
+
+
+def test_prompts_prefilled_in_groups_get_what_they_get_alone(sensitive_model_dir, monkeypatch):
+    """Every prompt length its own prefill group (no cost per forward): the groups join one batch, and each
+    prompt's greedy fp32 output is still what it gets decoded alone, with a budget and a repetition penalty."""
+    handle = load_model(ModelConfig(name=str(sensitive_model_dir), dtype="fp32", threads=1),
+                        LoraConfig(rank=4, alpha=8))
+    handle.set_adapter(_trained_looking_adapter(handle, seed=4))
+    prompts = [" ".join(["word"] * n) + f" {n}" for n in (12, 1, 7, 3, 12, 5)]
+    options = DecodingOptions(max_new_tokens=10, repetition_penalty=1.3)
+    alone = [generate(handle, [p], options, batch_size=1)[0] for p in prompts]
+    groups = []
+    real_group = continuous._prefill_group
+
+    def spy(model, group, *args, **kwargs):
+        groups.append(len(group))
+        return real_group(model, group, *args, **kwargs)
+
+    monkeypatch.setattr(continuous, "_prefill_group", spy)
+    monkeypatch.setattr(continuous, "PREFILL_GROUP_COST", 0)
+    assert generate(handle, prompts, options, batch_size=6) == alone
+    assert len(groups) == 5 and sum(groups) == 6, groups  # the two 12-word prompts share a group
+    assert len(set(alone)) > 3, "outputs should differ between prompts for the test to mean anything"
 
 
 def test_generation_reports_progress_in_prompts(tiny_model_dir):
@@ -161,14 +195,15 @@ def test_preallocated_cache_layer_writes_in_place_grows_and_selects_rows():
 
 
 def test_preallocated_layer_absorbs_rows_right_aligned_with_zero_padding():
-    mine, theirs = PreallocatedLayer(capacity=8), PreallocatedLayer(capacity=8)
-    old, new = torch.randn(2, 3, 5, 4), torch.randn(1, 3, 3, 4)
-    mine.update(old, -old)
-    theirs.update(new, -new)
-    mine.absorb(theirs, drop=1, width=6, capacity=9)  # 4 positions kept of mine, 3 of theirs, in 6
-    assert mine.get_seq_length() == 6 and mine.keys.shape == (3, 3, 6, 4) and mine._keys.shape[2] == 9
+    mine, theirs, more = PreallocatedLayer(capacity=8), PreallocatedLayer(capacity=8), PreallocatedLayer(capacity=2)
+    old, new, newer = torch.randn(2, 3, 5, 4), torch.randn(1, 3, 3, 4), torch.randn(2, 3, 2, 4)
+    for layer, keys in ((mine, old), (theirs, new), (more, newer)):
+        layer.update(keys, -keys)
+    mine.absorb([theirs, more], drop=1, width=6, capacity=9)  # 4 positions kept of mine, 3 and 2 of theirs, in 6
+    assert mine.get_seq_length() == 6 and mine.keys.shape == (5, 3, 6, 4) and mine._keys.shape[2] == 9
     assert torch.equal(mine.keys[:2, :, 2:], old[:, :, 1:]) and torch.equal(mine.values[:2, :, 2:], -old[:, :, 1:])
-    assert torch.equal(mine.keys[2:, :, 3:], new) and torch.equal(mine.values[2:, :, 3:], -new)
-    assert not mine.keys[:2, :, :2].any() and not mine.keys[2:, :, :3].any() and not mine.values[2:, :, :3].any()
-    keys, _ = mine.update(torch.ones(3, 3, 1, 4), torch.ones(3, 3, 1, 4))  # decoding goes on after the join
-    assert keys.shape == (3, 3, 7, 4) and torch.equal(keys[:, :, 6], torch.ones(3, 3, 4))
+    assert torch.equal(mine.keys[2:3, :, 3:], new) and torch.equal(mine.values[2:3, :, 3:], -new)
+    assert torch.equal(mine.keys[3:, :, 4:], newer) and torch.equal(mine.values[3:, :, 4:], -newer)
+    assert not mine.keys[:2, :, :2].any() and not mine.keys[2:3, :, :3].any() and not mine.values[3:, :, :4].any()
+    keys, _ = mine.update(torch.ones(5, 3, 1, 4), torch.ones(5, 3, 1, 4))  # decoding goes on after the join
+    assert keys.shape == (5, 3, 7, 4) and torch.equal(keys[:, :, 6], torch.ones(5, 3, 4))

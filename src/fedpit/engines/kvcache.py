@@ -61,20 +61,20 @@ class PreallocatedLayer(DynamicLayer):
         self._values = self._values.index_select(0, indices)
         self.keys, self.values = self._keys[:, :, : self.length], self._values[:, :, : self.length]
 
-    def absorb(self, other: PreallocatedLayer, drop: int, width: int, capacity: int) -> None:
-        """Append `other`'s rows below this layer's, both right-aligned in `width` positions (left
-        padding, as the rows' attention masks are): this layer first loses its leading `drop` positions,
-        which no row attends to any more. Padding is zeros, never uninitialised memory: a masked
+    def absorb(self, others: list[PreallocatedLayer], drop: int, width: int, capacity: int) -> None:
+        """Append the rows of `others` below this layer's, all right-aligned in `width` positions (left
+        padding, as the rows' attention masks are), in one copy: this layer first loses its leading `drop`
+        positions, which no row attends to any more. Padding is zeros, never uninitialised memory: a masked
         position gets exactly zero attention weight, and 0 x NaN would still be NaN."""
-        mine, theirs = self.length - drop, other.length
-        rows = self._keys.shape[0] + other._keys.shape[0]
-        shape = (rows, self._keys.shape[1], capacity, self._keys.shape[3])
+        sources = [(self, drop)] + [(other, 0) for other in others]
+        shape = (sum(layer._keys.shape[0] for layer, _ in sources), self._keys.shape[1], capacity, self._keys.shape[3])
         keys, values = self._keys.new_zeros(shape), self._values.new_zeros(shape)
-        split = self._keys.shape[0]
-        keys[:split, :, width - mine : width] = self._keys[:, :, drop : self.length]
-        values[:split, :, width - mine : width] = self._values[:, :, drop : self.length]
-        keys[split:, :, width - theirs : width] = other._keys[:, :, :theirs]
-        values[split:, :, width - theirs : width] = other._values[:, :, :theirs]
+        first = 0
+        for layer, skip in sources:
+            rows, kept = layer._keys.shape[0], layer.length - skip
+            keys[first : first + rows, :, width - kept : width] = layer._keys[:, :, skip : layer.length]
+            values[first : first + rows, :, width - kept : width] = layer._values[:, :, skip : layer.length]
+            first += rows
         self._keys, self._values, self.length = keys, values, width
         self.keys, self.values = self._keys[:, :, :width], self._values[:, :, :width]
 
@@ -96,6 +96,6 @@ def can_absorb(cache: DynamicCache) -> bool:
     return all(isinstance(layer, PreallocatedLayer) for layer in cache.layers)
 
 
-def absorb(cache: DynamicCache, other: DynamicCache, drop: int, width: int, capacity: int) -> None:
-    for mine, theirs in zip(cache.layers, other.layers, strict=True):
-        mine.absorb(theirs, drop, width, capacity)
+def absorb(cache: DynamicCache, others: list[DynamicCache], drop: int, width: int, capacity: int) -> None:
+    for index, mine in enumerate(cache.layers):
+        mine.absorb([other.layers[index] for other in others], drop, width, capacity)
