@@ -172,7 +172,8 @@ def decode(handle, encoded: list[list[int]], options, max_rows: int,
 
 PREFILL_GROUP_COST = 96
 """Padded tokens that one more prefill forward is worth: its fixed cost (Python and kernel set-up over every
-layer, and joining its cache to the batch's, ~60 ms on 2 CPU cores) at the prefill rate (~1,500 tokens/s)."""
+layer, and joining its cache to the batch's; estimated at ~60 ms on 2 CPU cores, not swept) at the prefill
+rate (~1,500 tokens/s)."""
 
 
 def prefill_groups(lengths: list[int], cost: int | None = None) -> list[int]:
