@@ -166,12 +166,13 @@ class DecodeStep:
         attended = mask.bool()
         normed = torch.empty_like(hidden)
         q, k = hidden.new_empty((rows, self.heads, 1, dim)), hidden.new_empty((rows, self.kv_heads, 1, dim))
+        rotated_q, rotated_k = q.view(rows, self.heads, dim), k.view(rows, self.kv_heads, dim)  # what rotary writes
         activated = hidden.new_empty((rows, self.intermediate))
         delta = None
         for index, layer in enumerate(self.layers):
             kernels.add_rms_norm(hidden, delta, layer.input_norm.weight, normed, layer.input_norm.variance_epsilon)
             qkv = packed_linear(normed, layer.qkv, layer.qkv_bias)
-            kernels.rotary(qkv, cos, sin, q.view(rows, self.heads, dim), k.view(rows, self.kv_heads, dim))
+            kernels.rotary(qkv, cos, sin, rotated_q, rotated_k)
             keys, values = cache.update(k, qkv[:, self.qk_v[0] :].view(rows, self.kv_heads, 1, dim), index)
             out = kernels.attention(q, keys, values, attended, layer.attention.scaling)
             delta = packed_linear(out.view(rows, -1), layer.o.packed, layer.o.bias)

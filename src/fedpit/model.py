@@ -253,7 +253,7 @@ class ModelHandle:
             kernels = None
             if usable and self.native_decode:  # built only where a step will use them: no warning elsewhere
                 kernels = native_kernels.load(cache_root(self.model_config.cache_dir if self.model_config else ""))
-            self._decode_step = (DecodeStep.build(base, kernels) if usable else None) or False
+            self._decode_step = DecodeStep(base, kernels) if usable else False
         return self._decode_step or None
 
     def compatible(self, model_config: ModelConfig, lora_config: LoraConfig) -> bool:

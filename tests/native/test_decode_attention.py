@@ -69,6 +69,8 @@ def test_refuses_what_it_was_not_built_for(kernels):
         kernels.attention(torch.cat([q, q], dim=2), k, v, attended, scale)  # two query positions
     with pytest.raises(ValueError, match="contiguous last dimension"):
         kernels.attention(q, k.transpose(-1, -2).contiguous().transpose(-1, -2), v, attended, scale)
+    with pytest.raises(ValueError, match="CPU tensors"):  # a device pointer would reach C
+        kernels.attention(q.to("meta"), k.to("meta"), v.to("meta"), attended.to("meta"), scale)
     with pytest.raises(ValueError, match="attended must be a bool"):
         kernels.attention(q, k, v, attended.long(), scale)
     with pytest.raises(ValueError, match="attended must be a bool"):

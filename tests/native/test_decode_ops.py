@@ -85,6 +85,8 @@ def test_they_refuse_what_would_reach_c_wrongly(kernels):
         kernels.add_rms_norm(hidden.float(), None, weight.float(), hidden.float(), 1e-5)
     with pytest.raises(ValueError, match="contiguous bf16"):
         kernels.add_rms_norm(_randn(8, 2).t(), None, weight, torch.empty(2, 8, dtype=BF16), 1e-5)
+    with pytest.raises(ValueError, match="CPU tensors"):
+        kernels.add_rms_norm(hidden.to("meta"), None, weight, torch.empty(2, 8, dtype=BF16), 1e-5)
     with pytest.raises(ValueError, match="do not match"):
         kernels.add_rms_norm(hidden, None, _randn(9), torch.empty(2, 8, dtype=BF16), 1e-5)
     with pytest.raises(ValueError, match="do not match"):

@@ -198,16 +198,17 @@ def prefill_groups(lengths: list[int], cost: int | None = None) -> list[int]:
 
 
 def _prefill(model, prompts: list[list[int]], ids: list[int], pad: int, options, device) -> list[tuple[Rows, object]]:
-    """The prompts prefilled in groups of similar length (`prefill_groups`), longest first: the first group's
-    cache has room for the new tokens and the others join it. One group where the model's cache cannot take
-    rows in (sliding-window or linear-attention layers)."""
+    """The prompts prefilled in groups of similar length (`prefill_groups`), longest first, each with its own
+    cache; `decode` joins them into one. A lone group's cache has room for the new tokens (it is the batch's);
+    several are copied into a new one anyway. One group where the model's cache cannot take rows in
+    (sliding-window or linear-attention layers)."""
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     prompts, ids = [prompts[i] for i in order], [ids[i] for i in order]
     groupable = can_absorb(preallocated_cache(model.config, 1))
     sizes = prefill_groups([len(p) for p in prompts]) if groupable else [len(prompts)]
+    room = options.max_new_tokens if len(sizes) == 1 else 0
     groups, first = [], 0
     for size in sizes:
-        room = options.max_new_tokens if not groups else 0
         groups.append(_prefill_group(model, prompts[first : first + size], ids[first : first + size], pad, device,
                                      capacity=len(prompts[first]) + room))
         first += size

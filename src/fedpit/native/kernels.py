@@ -71,6 +71,8 @@ class DecodeKernels:
                              f"query {tuple(query.shape)} {query.dtype} over {kv_heads} key/value heads")
         if key.dtype != BF16 or value.dtype != BF16 or key.stride(-1) != 1 or value.stride(-1) != 1:
             raise ValueError("keys and values must be bf16 with a contiguous last dimension")
+        if not (query.is_cpu and key.is_cpu and value.is_cpu and attended.is_cpu):
+            raise ValueError("the decode kernels take CPU tensors")
         if attended.dtype != torch.bool or tuple(attended.shape) != (rows, keys) or attended.stride(-1) != 1:
             raise ValueError(f"attended must be a bool [rows, keys] = [{rows}, {keys}] mask, got "
                              f"{attended.dtype} {tuple(attended.shape)}")
