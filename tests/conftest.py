@@ -63,6 +63,25 @@ def tiny_model_dir(tmp_path_factory, smollm2_path) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def sensitive_model_dir(tmp_path_factory, smollm2_path) -> Path:
+    """A tiny model initialised at 15x the usual scale: its greedy text changes every token and turns
+    on small differences in the logits (the default tiny model repeats one token whatever it is given),
+    so a row that attends to a wrong position or gets a wrong position id changes its output."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         tie_word_embeddings=True, initializer_range=0.3, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("sensitive-llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def _write_instruction_file(path: Path, count: int, prefix: str = "") -> Path:
     """Distinct medical-style pairs so ROUGE filters and partitions behave as on real data."""
     organs = ["heart", "lung", "liver", "kidney", "skin", "brain", "bone", "eye", "ear", "blood", "thyroid", "colon"]

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -64,25 +63,6 @@ def test_decode_loop_matches_transformers_generate(tiny_model_dir):
                 max_new_tokens=10, stop_strings=stops, backend="hf"), batch_size=4)
         handle.merge_for_inference = True
         assert ours == reference
-
-
-@pytest.fixture(scope="module")
-def sensitive_model_dir(tmp_path_factory, smollm2_path) -> Path:
-    """A tiny model initialised at 15x the usual scale: its greedy text changes every token and turns
-    on small differences in the logits (the default tiny model repeats one token whatever it is given),
-    so a row that attends to a wrong position or gets a wrong position id changes its output."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         tie_word_embeddings=True, initializer_range=0.3, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("sensitive-llama")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def test_continuous_batching_gives_each_prompt_what_it_gets_alone(sensitive_model_dir, monkeypatch):

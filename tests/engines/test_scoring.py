@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from fedpit.config import LoraConfig, ModelConfig
+from fedpit.engines import scoring
+from fedpit.engines.encoding import EncodedPair
 from fedpit.engines.scoring import ifs_scores, option_logprobs, reference_nll
 from fedpit.model import load_model
 from fedpit.prompts import AlpacaFormat
@@ -57,3 +60,74 @@ def test_option_logprobs_add_every_spelling_and_ignore_padding(tiny_model_dir):
                       for v in (option, option.capitalize(), f" {option}", f" {option.capitalize()}")}
             expected = torch.logsumexp(logprobs[sorted(firsts)], dim=0).item()
             assert abs(value - expected) < 1e-4
+
+
+def _pairs_after_a_common_context(tok, count: int) -> list[EncodedPair]:
+    """Pairs whose contexts share a long beginning and then differ in length and words, as prompts built from
+    one template do, with targets of different lengths: left padding differs in every batch."""
+    common = tok(AlpacaFormat().render("Describe the usual course of"), add_special_tokens=True)["input_ids"]
+    pairs = []
+    for i in range(count):
+        own = tok(" disease" * (i % 3 + 1) + f" number {i}", add_special_tokens=False)["input_ids"]
+        target = tok(" It lasts" + " a week" * (i + 1) + ".", add_special_tokens=False)["input_ids"]
+        pairs.append(EncodedPair(input_ids=common + own + target + [tok.eos_token_id], num_context=len(common + own)))
+    return pairs
+
+
+def test_a_shared_context_is_computed_once_and_every_loss_stays_the_models(sensitive_model_dir, monkeypatch):
+    """Seven pairs after a common template: the common part is run once (one row) and copied into each batch
+    of three, and every pair's loss is still the unbatched model's (fp32), as it is with sharing turned off. The
+    model is one whose losses turn on positions and on which tokens are attended (conftest.py)."""
+    handle = load_model(ModelConfig(name=str(sensitive_model_dir), dtype="fp32"), LoraConfig(rank=4, alpha=8))
+    tok = handle.tokenizer
+    pairs = _pairs_after_a_common_context(tok, 7)
+    contexts: list[int] = []
+    real_cache = scoring._context_cache
+
+    def spy(handle, context):
+        contexts.append(len(context))
+        return real_cache(handle, context)
+
+    monkeypatch.setattr(scoring, "_context_cache", spy)
+    shared = scoring.target_losses(handle, pairs, batch_size=3)
+    common = len(tok(AlpacaFormat().render("Describe the usual course of"), add_special_tokens=True)["input_ids"])
+    assert contexts == [scoring._shared_context(pairs)] and common <= contexts[0] <= common + 1
+    by_hand = [_mean_nll(handle.model, p.input_ids[: p.num_context], p.input_ids[p.num_context :]) for p in pairs]
+    assert max(abs(a - b) / b for a, b in zip(shared, by_hand)) < 1e-5
+    monkeypatch.setattr(scoring, "SHARED_CONTEXT_MIN", 10**9)
+    contexts.clear()
+    assert max(abs(a - b) / b for a, b in zip(shared, scoring.target_losses(handle, pairs, batch_size=3))) < 1e-5
+    assert contexts == [], "with the threshold out of reach nothing should be shared"
+
+
+@pytest.mark.parametrize("pairs, shared", [
+    ([([1, 2, 3, 4, 5, 6], 4), ([1, 2, 3, 9, 7], 4)], 3),  # up to the first difference
+    ([([1, 2, 3, 4, 5], 4), ([1, 2, 3, 4, 6], 4)], 3),  # whole contexts alike: each keeps its last context token
+    ([([1, 2, 3, 4, 5], 4), ([1, 2, 7], 2)], 1),  # the shortest context bounds it
+    ([([1, 2, 3, 4, 5], 4)], 0),  # one pair: nothing to share
+    ([([8, 2, 3, 4, 5], 4), ([1, 2, 3, 4, 5], 4)], 0),
+])
+def test_shared_context_is_common_context_only(pairs, shared):
+    assert scoring._shared_context([EncodedPair(input_ids=ids, num_context=n) for ids, n in pairs]) == shared
+
+
+def test_a_model_with_sliding_window_layers_scores_without_sharing(tmp_path, smollm2_path, monkeypatch):
+    """Its cache keeps only a window of positions and cannot be copied row by row: the pairs are scored whole,
+    and the losses are the model's own."""
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
+    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=16,
+                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    MistralForCausalLM(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    handle = load_model(ModelConfig(name=str(tmp_path), dtype="fp32"), LoraConfig(rank=4, alpha=8))
+    copies: list[int] = []
+    monkeypatch.setattr(scoring, "repeat_rows", lambda *args: copies.append(1))
+    pairs = _pairs_after_a_common_context(handle.tokenizer, 4)
+    losses = scoring.target_losses(handle, pairs, batch_size=4)
+    assert copies == []
+    by_hand = [_mean_nll(handle.model, p.input_ids[: p.num_context], p.input_ids[p.num_context :]) for p in pairs]
+    assert max(abs(a - b) / b for a, b in zip(losses, by_hand)) < 1e-5

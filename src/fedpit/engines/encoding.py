@@ -74,14 +74,17 @@ def last_positions(width: int, keep: int, device: torch.device) -> torch.Tensor:
     return torch.arange(width - keep, width, device=device)
 
 
-def target_token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def target_token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                        past=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of every target token of a left-padded batch, and which positions are targets.
 
     With left padding every target sits at the end of its row, so only the positions from the
     batch's first target on need the LM head (a 49k-wide vocabulary for SmolLM2), not the prompt:
     in training that removes the LM head and the log-softmax over every prompt token, which a plain
     `model(**batch).loss` pays for. Where the model allows it, `head_loss` goes further and runs
-    the head on target tokens only, chunk by chunk. Returns (losses, mask), both [batch, keep - 1]."""
+    the head on target tokens only, chunk by chunk. Returns (losses, mask), both [batch, keep - 1].
+    `past`: a key/value cache of positions before the batch's (a context every row shares, scoring.py);
+    the batch's attention mask then covers those positions too."""
     labels = batch["labels"]
     is_target = labels != IGNORE_INDEX
     first = int(is_target.float().argmax(dim=1).min()) if bool(is_target.any()) else labels.shape[1] - 1
@@ -89,10 +92,12 @@ def target_token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) 
     targets = labels[:, start:]
     mask = targets != IGNORE_INDEX
     inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if past is not None:
+        inputs |= {"past_key_values": past, "use_cache": True}
     path = head_path(model)
     if path is not None:
         decoder, weight = path
-        hidden = decoder(**inputs, use_cache=False).last_hidden_state[:, start - 1 : -1]
+        hidden = decoder(**{"use_cache": False, **inputs}).last_hidden_state[:, start - 1 : -1]
         losses = HeadCrossEntropy.apply(hidden[mask], weight, targets[mask])
         return torch.zeros(targets.shape, dtype=losses.dtype, device=losses.device).masked_scatter(mask, losses), mask
     keep = labels.shape[1] - start + 1

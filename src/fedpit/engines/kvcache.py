@@ -96,6 +96,20 @@ def can_absorb(cache: DynamicCache) -> bool:
     return all(isinstance(layer, PreallocatedLayer) for layer in cache.layers)
 
 
+def repeat_rows(cache: DynamicCache, model_config, rows: int, capacity: int) -> DynamicCache:
+    """A new cache holding `rows` copies of `cache`'s one row (every layer a `PreallocatedLayer`), with room
+    for `capacity` positions: a context scored once and then continued by every row of a batch."""
+    copy = preallocated_cache(model_config, capacity)
+    for mine, source in zip(copy.layers, cache.layers):
+        shape = (rows, source._keys.shape[1], capacity, source._keys.shape[3])
+        mine._keys, mine._values = source._keys.new_empty(shape), source._values.new_empty(shape)
+        mine._keys[:, :, : source.length] = source._keys[:, :, : source.length]
+        mine._values[:, :, : source.length] = source._values[:, :, : source.length]
+        mine.dtype, mine.device, mine.is_initialized, mine.length = source.dtype, source.device, True, source.length
+        mine.keys, mine.values = mine._keys[:, :, : mine.length], mine._values[:, :, : mine.length]
+    return copy
+
+
 def absorb(cache: DynamicCache, others: list[DynamicCache], drop: int, width: int, capacity: int) -> None:
     for index, mine in enumerate(cache.layers):
         mine.absorb([other.layers[index] for other in others], drop, width, capacity)

@@ -10,28 +10,75 @@ from __future__ import annotations
 import torch
 
 from fedpit.engines.encoding import EncodedPair, collate, encode_pair, last_positions, target_token_losses
+from fedpit.engines.kvcache import can_absorb, preallocated_cache, repeat_rows
 from fedpit.model import ModelHandle
 from fedpit.prompts import PromptFormat
 from fedpit.types import Example
 
+SHARED_CONTEXT_MIN = 8
+"""Tokens of context every pair must share before it is computed once for all of them (below that, the
+one-row forward and the copies of its keys and values into each batch cost about what they save)."""
+
 
 def target_losses(handle: ModelHandle, pairs: list[EncodedPair], batch_size: int = 16) -> list[float]:
-    """Mean cross-entropy over each pair's target tokens."""
+    """Mean cross-entropy over each pair's target tokens.
+
+    A context that begins every pair (the prompt template's header; for canary exposure, the whole question
+    and answer prefix before 1,001 candidate secrets) is computed once, and each batch continues from a copy
+    of its keys and values: canary exposure then computes 9 tokens a candidate instead of 65."""
     with handle.inference():
         return _target_losses(handle, pairs, batch_size)
 
 
 def _target_losses(handle: ModelHandle, pairs: list[EncodedPair], batch_size: int) -> list[float]:
+    shared = _shared_context(pairs)
+    past = _context_cache(handle, pairs[0].input_ids[:shared]) if shared >= SHARED_CONTEXT_MIN else None
+    if past is None:
+        shared = 0
+    else:
+        pairs = [EncodedPair(input_ids=p.input_ids[shared:], num_context=p.num_context - shared) for p in pairs]
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].input_ids))  # similar lengths pad less
     results = [0.0] * len(pairs)
     for first in range(0, len(order), batch_size):
         rows = order[first : first + batch_size]
         batch = collate([pairs[i] for i in rows], handle.tokenizer.pad_token_id, handle.device, left=True)
-        token_loss, is_target = target_token_losses(handle.model, batch)
+        cache = None
+        if past is not None:
+            width = batch["input_ids"].shape[1]
+            cache = repeat_rows(past, handle.model.config, len(rows), shared + width)
+            batch["attention_mask"] = torch.cat([batch["attention_mask"].new_ones((len(rows), shared)),
+                                                 batch["attention_mask"]], dim=1)
+            batch["position_ids"] = batch["position_ids"] + shared
+        token_loss, is_target = target_token_losses(handle.model, batch, past=cache)
         means = token_loss.sum(dim=1) / is_target.sum(dim=1).clamp(min=1)
         for row, value in zip(rows, means.tolist()):
             results[row] = value
     return results
+
+
+def _shared_context(pairs: list[EncodedPair]) -> int:
+    """Leading tokens that every pair has, all of them context, leaving each pair at least one context token
+    of its own (its last context position predicts its first target)."""
+    if len(pairs) < 2:
+        return 0
+    limit = min(p.num_context for p in pairs) - 1
+    first = pairs[0].input_ids
+    for length in range(max(limit, 0)):
+        if any(p.input_ids[length] != first[length] for p in pairs):
+            return length
+    return max(limit, 0)
+
+
+def _context_cache(handle: ModelHandle, context: list[int]):
+    """Keys and values of `context` as one cached row, or None where the model's cache cannot be copied row
+    by row (sliding-window or linear-attention layers)."""
+    cache = preallocated_cache(handle.model.config, len(context))
+    if not can_absorb(cache):
+        return None
+    ids = torch.tensor([context], device=handle.device)
+    handle.model(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, use_cache=True,
+                 logits_to_keep=last_positions(len(context), 1, handle.device))
+    return cache
 
 
 def reference_nll(handle: ModelHandle, fmt: PromptFormat, examples: list[Example],
