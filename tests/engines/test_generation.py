@@ -187,3 +187,16 @@ def test_preallocated_layer_absorbs_rows_right_aligned_with_zero_padding():
     assert not mine.keys[:2, :, :2].any() and not mine.keys[2:3, :, :3].any() and not mine.values[3:, :, :4].any()
     keys, _ = mine.update(torch.ones(5, 3, 1, 4), torch.ones(5, 3, 1, 4))  # decoding goes on after the join
     assert keys.shape == (5, 3, 7, 4) and torch.equal(keys[:, :, 6], torch.ones(5, 3, 4))
+
+
+def test_preallocated_layer_repeats_one_row_and_its_copies_go_on_alone():
+    source, copy = PreallocatedLayer(capacity=4), PreallocatedLayer(capacity=7)
+    context = torch.randn(1, 3, 4, 2)
+    source.update(context, -context)
+    copy.repeat(source, rows=5)
+    assert copy.get_seq_length() == 4 and copy.keys.shape == (5, 3, 4, 2) and copy._keys.shape[2] == 7
+    rows = context.expand(5, -1, -1, -1)
+    assert torch.equal(copy.keys, rows) and torch.equal(copy.values, -rows)
+    step = torch.randn(5, 3, 2, 2)
+    keys, _ = copy.update(step, step)  # each row continues the context with its own tokens
+    assert torch.equal(keys[:, :, 4:], step) and torch.equal(source.keys, context) and source.get_seq_length() == 4

@@ -5,7 +5,8 @@ whole cache every step: on 2 CPU cores that was a third of the decode time for 3
 (`make bench`). Here each layer's cache is allocated once for the prompt plus the token budget, a
 step writes one slice, and attention reads a view of the filled part. Dropping finished rows
 (`batch_select_indices`) and taking in newly prefilled ones (`absorb`, for continuous batching)
-are the only copies, once per change of the batch rather than once per step. transformers'
+are the only copies, once per change of the batch rather than once per step; scoring copies one row's
+context into every row of a batch (`repeat_rows`). transformers'
 `StaticCache` also avoids the copies but makes every step attend over the whole allocated length.
 """
 
@@ -78,6 +79,15 @@ class PreallocatedLayer(DynamicLayer):
         self._keys, self._values, self.length = keys, values, width
         self.keys, self.values = self._keys[:, :, :width], self._values[:, :, :width]
 
+    def repeat(self, source: PreallocatedLayer, rows: int) -> None:
+        """Hold `rows` copies of the one row of `source`'s filled positions, in this layer's capacity."""
+        shape = (rows, source._keys.shape[1], self.capacity, source._keys.shape[3])
+        self._keys, self._values = source._keys.new_empty(shape), source._values.new_empty(shape)
+        self._keys[:, :, : source.length] = source._keys[:, :, : source.length]
+        self._values[:, :, : source.length] = source._values[:, :, : source.length]
+        self.dtype, self.device, self.is_initialized, self.length = source.dtype, source.device, True, source.length
+        self.keys, self.values = self._keys[:, :, : self.length], self._values[:, :, : self.length]
+
     def reset(self) -> None:
         self.length = 0
         super().reset()
@@ -101,12 +111,7 @@ def repeat_rows(cache: DynamicCache, model_config, rows: int, capacity: int) -> 
     for `capacity` positions: a context scored once and then continued by every row of a batch."""
     copy = preallocated_cache(model_config, capacity)
     for mine, source in zip(copy.layers, cache.layers):
-        shape = (rows, source._keys.shape[1], capacity, source._keys.shape[3])
-        mine._keys, mine._values = source._keys.new_empty(shape), source._values.new_empty(shape)
-        mine._keys[:, :, : source.length] = source._keys[:, :, : source.length]
-        mine._values[:, :, : source.length] = source._values[:, :, : source.length]
-        mine.dtype, mine.device, mine.is_initialized, mine.length = source.dtype, source.device, True, source.length
-        mine.keys, mine.values = mine._keys[:, :, : mine.length], mine._values[:, :, : mine.length]
+        mine.repeat(source, rows)
     return copy
 
 
