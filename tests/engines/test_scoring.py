@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fedpit.config import LoraConfig, ModelConfig
-from fedpit.engines import scoring
+from fedpit.engines import encoding, scoring
 from fedpit.engines.encoding import EncodedPair
 from fedpit.engines.scoring import ifs_scores, option_logprobs, reference_nll
 from fedpit.model import load_model
@@ -74,10 +74,15 @@ def _pairs_after_a_common_context(tok, count: int) -> list[EncodedPair]:
     return pairs
 
 
-def test_a_shared_context_is_computed_once_and_every_loss_stays_the_models(sensitive_model_dir, monkeypatch):
+@pytest.mark.parametrize("through_the_head", [True, False])
+def test_a_shared_context_is_computed_once_and_every_loss_stays_the_models(sensitive_model_dir, monkeypatch,
+                                                                           through_the_head):
     """Seven pairs after a common template: the common part is run once (one row) and copied into each batch
     of three, and every pair's loss is still the unbatched model's (fp32), as it is with sharing turned off. The
-    model is one whose losses turn on positions and on which tokens are attended (conftest.py)."""
+    model is one whose losses turn on positions and on which tokens are attended (conftest.py). Both ways to
+    the loss: the head on the decoder's output, and the model's own logits (models whose logits are not that)."""
+    if not through_the_head:
+        monkeypatch.setattr(encoding, "head_path", lambda model: None)
     handle = load_model(ModelConfig(name=str(sensitive_model_dir), dtype="fp32"), LoraConfig(rank=4, alpha=8))
     tok = handle.tokenizer
     pairs = _pairs_after_a_common_context(tok, 7)

@@ -75,7 +75,7 @@ def last_positions(width: int, keep: int, device: torch.device) -> torch.Tensor:
 
 
 def target_token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor],
-                        past=None) -> tuple[torch.Tensor, torch.Tensor]:
+                        past: object | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of every target token of a left-padded batch, and which positions are targets.
 
     With left padding every target sits at the end of its row, so only the positions from the
@@ -91,13 +91,13 @@ def target_token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     start = max(first, 1)  # the first token of a row is never predicted
     targets = labels[:, start:]
     mask = targets != IGNORE_INDEX
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs = {k: v for k, v in batch.items() if k != "labels"} | {"use_cache": past is not None}
     if past is not None:
-        inputs |= {"past_key_values": past, "use_cache": True}
+        inputs["past_key_values"] = past
     path = head_path(model)
     if path is not None:
         decoder, weight = path
-        hidden = decoder(**{"use_cache": False, **inputs}).last_hidden_state[:, start - 1 : -1]
+        hidden = decoder(**inputs).last_hidden_state[:, start - 1 : -1]
         losses = HeadCrossEntropy.apply(hidden[mask], weight, targets[mask])
         return torch.zeros(targets.shape, dtype=losses.dtype, device=losses.device).masked_scatter(mask, losses), mask
     keep = labels.shape[1] - start + 1

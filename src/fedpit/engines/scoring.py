@@ -7,6 +7,8 @@ model predict the response, i.e. the pair is a coherent instruction/answer.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from fedpit.engines.encoding import EncodedPair, collate, encode_pair, last_positions, target_token_losses
@@ -61,12 +63,8 @@ def _shared_context(pairs: list[EncodedPair]) -> int:
     of its own (its last context position predicts its first target)."""
     if len(pairs) < 2:
         return 0
-    limit = min(p.num_context for p in pairs) - 1
-    first = pairs[0].input_ids
-    for length in range(max(limit, 0)):
-        if any(p.input_ids[length] != first[length] for p in pairs):
-            return length
-    return max(limit, 0)
+    common = os.path.commonprefix([p.input_ids for p in pairs])  # any sequences, not only strings
+    return max(0, min(len(common), min(p.num_context for p in pairs) - 1))
 
 
 def _context_cache(handle: ModelHandle, context: list[int]):
