@@ -1,7 +1,7 @@
 """One generation lever on and off, on `make bench`'s self-generation workload, alternated: what it is worth.
 
     python benchmarks/generation_ab.py [--rows 16] [--repeats 7]
-        --lever packing|prefill_attention|continuous|rows|decode_step|native|prefill_groups
+        --lever packing|prefill_attention|continuous|rows|decode_step|native|prefill_groups|c_linear
 
 Each repeat answers the bench's 32 response prompts (`synth.batch_size` rows at a time, at most 128 new tokens, the
 bench's stop strings and repetition penalty) once with the lever and once without, the order
@@ -12,9 +12,10 @@ continuous batching (engines/continuous.py), without which prompts are decoded i
 (decode_step.py), without which every decode step is the model's forward; `native` is `model.native_decode`
 (native/kernels.py), without which that step's attention is SDPA and its element-wise work torch's;
 `prefill_groups` prefills prompts in groups of similar length (engines/continuous.py), without which each batch
-of prompts is one padded forward. Prints what
+of prompts is one padded forward; `c_linear` is the C linear layer of that step (decode_linear.c, on CPUs with
+AVX512-BF16), without which its products are oneDNN's. Prints what
 training_ab.py prints, for new tokens/s, and the seconds per call: a lever that changes bf16 numbers
-(prefill_attention, native) may change the text, and with it how many tokens there are to count.
+(prefill_attention, native, c_linear) may change the text, and with it how many tokens there are to count.
 """
 
 from __future__ import annotations
@@ -37,9 +38,11 @@ from fedpit import config as config_mod  # noqa: E402
 from fedpit.config import SynthConfig  # noqa: E402
 from fedpit.engines import continuous  # noqa: E402
 from fedpit.engines.generation import DecodingOptions, generate  # noqa: E402
+from fedpit.model import cache_root  # noqa: E402
+from fedpit.native import kernels as native  # noqa: E402
 from fedpit.runtimes.local import prepare  # noqa: E402
 
-LEVERS = ("packing", "prefill_attention", "continuous", "rows", "decode_step", "native", "prefill_groups")
+LEVERS = ("packing", "prefill_attention", "continuous", "rows", "decode_step", "native", "prefill_groups", "c_linear")
 BLOCKED = attention.uses_blocked_attention
 GROUP_COST = continuous.PREFILL_GROUP_COST
 
@@ -57,6 +60,9 @@ def main() -> None:
     options = DecodingOptions(max_new_tokens=128, stop_strings=tuple(exp.fmt.stop_strings), repetition_penalty=1.2)
 
     rows = SynthConfig().batch_size
+    kernels = native.load(cache_root(handle.model_config.cache_dir if handle.model_config else ""))  # the handle's
+    if args.lever == "c_linear" and (kernels is None or not kernels.linear_available):
+        parser.error("the C linear layer is not built here (no C compiler, or a CPU without AVX512-BF16)")
 
     def switch(on: bool) -> None:
         nonlocal options, rows
@@ -70,6 +76,8 @@ def main() -> None:
             handle.native_decode = on
         elif args.lever == "prefill_groups":
             continuous.PREFILL_GROUP_COST = GROUP_COST if on else 10**9  # off: one group, whatever the lengths
+        elif args.lever == "c_linear":
+            kernels.linear_available = on  # read when each inference block builds its decode step
         elif args.lever == "continuous":
             options = replace(options, continuous_batching=on)
         else:

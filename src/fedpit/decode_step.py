@@ -26,7 +26,9 @@ transformers'. The price is one more copy of the q/k/v and gate/up weights while
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,25 +44,35 @@ model's `rotary_emb` and no per-head norms: what `DecodeStep` computes."""
 
 @dataclass
 class _Layer:
+    """One decoder layer's modules and its weights, packed for the step's product (`DecodeStep.product`)."""
+
     input_norm: nn.Module
     post_norm: nn.Module
     attention: nn.Module  # the model's own, handed to its attention function (scaling, groups, layer index)
-    qkv: torch.Tensor  # q, k and v weights concatenated and packed
+    qkv: Any  # q, k and v weights concatenated
     qkv_bias: torch.Tensor | None
-    o: PackedLinear
-    gate_up: torch.Tensor  # gate and up weights concatenated and packed
+    o: Any
+    o_bias: torch.Tensor | None
+    gate_up: Any  # gate and up weights concatenated
     gate_up_bias: torch.Tensor | None
-    down: PackedLinear
+    down: Any
+    down_bias: torch.Tensor | None
     act: nn.Module
 
 
-def _concatenated(linears: list[PackedLinear]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    weight = pack_weight(torch.cat([linear.weight for linear in linears]))
+def _concatenated(linears: list[PackedLinear], pack: Callable) -> tuple[Any, torch.Tensor | None]:
+    weight = pack(torch.cat([linear.weight for linear in linears]))
     biases = [linear.bias for linear in linears]
     if all(b is None for b in biases):
         return weight, None
     return weight, torch.cat([b if b is not None else linear.weight.new_zeros(linear.out_features)
                               for b, linear in zip(biases, linears, strict=True)])
+
+
+def _single(linear: PackedLinear, pack: Callable | None) -> Any:
+    """The layer's weight for the step's product: oneDNN's packed copy, which the model's prefill shares,
+    where the step uses oneDNN (`pack` None); a copy in the C product's layout otherwise."""
+    return linear.packed if pack is None else pack(linear.weight)
 
 
 def unsupported_reason(model: nn.Module) -> str | None:
@@ -100,17 +112,8 @@ class DecodeStep:
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         inner, config = model.model, model.config
-        self.embed, self.norm, self.rotary, self.head = inner.embed_tokens, inner.norm, inner.rotary_emb, model.lm_head
+        self.embed, self.norm, self.rotary = inner.embed_tokens, inner.norm, inner.rotary_emb
         self.attend = ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, None)
-        self.layers = []
-        with torch.no_grad():
-            for layer in inner.layers:
-                attention, mlp = layer.self_attn, layer.mlp
-                qkv, qkv_bias = _concatenated([attention.q_proj, attention.k_proj, attention.v_proj])
-                gate_up, gate_up_bias = _concatenated([mlp.gate_proj, mlp.up_proj])
-                self.layers.append(_Layer(layer.input_layernorm, layer.post_attention_layernorm, attention, qkv,
-                                          qkv_bias, attention.o_proj, gate_up, gate_up_bias, mlp.down_proj,
-                                          mlp.act_fn))
         first = inner.layers[0].self_attn
         self.head_dim = first.head_dim
         self.heads = first.q_proj.out_features // self.head_dim
@@ -121,6 +124,23 @@ class DecodeStep:
             kernels.supports(self.head_dim, self.heads // self.kv_heads, first.q_proj.weight.dtype)
         self.native = kernels if supported else None
         """The C decode kernels (native/kernels.py) in place of torch's operations and the attention function."""
+        c_products = self.native is not None and self.native.linear_available and all(
+            linear.in_features % 2 == 0 for linear in _linears(model))
+        self.product: Callable = self.native.linear if c_products else packed_linear
+        """Every linear layer's product: the C one (decode_linear.c) with the kernels where the CPU has
+        AVX512-BF16, oneDNN's with packed weights otherwise (and always without the kernels: bitwise the forward)."""
+        pack = self.native.pack_linear if c_products else None
+        self.layers = []
+        with torch.no_grad():
+            for layer in inner.layers:
+                attention, mlp = layer.self_attn, layer.mlp
+                qkv, qkv_bias = _concatenated([attention.q_proj, attention.k_proj, attention.v_proj],
+                                              pack or pack_weight)
+                gate_up, gate_up_bias = _concatenated([mlp.gate_proj, mlp.up_proj], pack or pack_weight)
+                self.layers.append(_Layer(layer.input_layernorm, layer.post_attention_layernorm, attention, qkv,
+                                          qkv_bias, _single(attention.o_proj, pack), attention.o_proj.bias, gate_up,
+                                          gate_up_bias, _single(mlp.down_proj, pack), mlp.down_proj.bias, mlp.act_fn))
+            self.head, self.head_bias = _single(model.lm_head, pack), model.lm_head.bias
 
     @classmethod
     def build(cls, model: nn.Module, kernels: DecodeKernels | None = None) -> DecodeStep | None:
@@ -150,17 +170,17 @@ class DecodeStep:
             q, k = qk[:, : self.heads], qk[:, self.heads :]
             k, v = cache.update(k, v, index)
             out, _ = self.attend(layer.attention, q, k, v, attended, dropout=0.0, scaling=layer.attention.scaling)
-            hidden = residual + packed_linear(out.reshape(rows, 1, -1).contiguous(), layer.o.packed, layer.o.bias)
+            hidden = residual + packed_linear(out.reshape(rows, 1, -1).contiguous(), layer.o, layer.o_bias)
             residual = hidden
             normed = layer.post_norm(hidden)
             gate, up = packed_linear(normed, layer.gate_up, layer.gate_up_bias).split(self.intermediate, dim=-1)
-            hidden = residual + packed_linear(layer.act(gate) * up, layer.down.packed, layer.down.bias)
-        return packed_linear(self.norm(hidden), self.head.packed, self.head.bias)[:, -1]
+            hidden = residual + packed_linear(layer.act(gate) * up, layer.down, layer.down_bias)
+        return packed_linear(self.norm(hidden), self.head, self.head_bias)[:, -1]
 
     def _native_step(self, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
         """The same layers with everything but the products in C: the residual stream `hidden` is summed in
         place, each norm taking the last sub-layer's output `delta` with it, and buffers serve every layer."""
-        kernels, rows, dim = self.native, tokens.shape[0], self.head_dim
+        kernels, product, rows, dim = self.native, self.product, tokens.shape[0], self.head_dim
         hidden = self.embed(tokens)  # [rows, width]
         cos, sin = (t.view(rows, dim) for t in self.rotary(hidden, positions[:, None]))
         attended = mask.bool()
@@ -171,16 +191,24 @@ class DecodeStep:
         delta = None
         for index, layer in enumerate(self.layers):
             kernels.add_rms_norm(hidden, delta, layer.input_norm.weight, normed, layer.input_norm.variance_epsilon)
-            qkv = packed_linear(normed, layer.qkv, layer.qkv_bias)
+            qkv = product(normed, layer.qkv, layer.qkv_bias)
             kernels.rotary(qkv, cos, sin, rotated_q, rotated_k)
             keys, values = cache.update(k, qkv[:, self.qk_v[0] :].view(rows, self.kv_heads, 1, dim), index)
             out = kernels.attention(q, keys, values, attended, layer.attention.scaling)
-            delta = packed_linear(out.view(rows, -1), layer.o.packed, layer.o.bias)
+            delta = product(out.view(rows, -1), layer.o, layer.o_bias)
             kernels.add_rms_norm(hidden, delta, layer.post_norm.weight, normed, layer.post_norm.variance_epsilon)
-            kernels.silu_mul(packed_linear(normed, layer.gate_up, layer.gate_up_bias), activated)
-            delta = packed_linear(activated, layer.down.packed, layer.down.bias)
+            kernels.silu_mul(product(normed, layer.gate_up, layer.gate_up_bias), activated)
+            delta = product(activated, layer.down, layer.down_bias)
         kernels.add_rms_norm(hidden, delta, self.norm.weight, normed, self.norm.variance_epsilon)
-        return packed_linear(normed, self.head.packed, self.head.bias)
+        return product(normed, self.head, self.head_bias)
+
+
+def _linears(model: nn.Module) -> list[PackedLinear]:
+    layers = [model.lm_head]
+    for layer in model.model.layers:
+        layers += [getattr(layer.self_attn, f"{n}_proj") for n in "qkvo"]
+        layers += [getattr(layer.mlp, f"{n}_proj") for n in ("gate", "up", "down")]
+    return layers
 
 
 def _kernels_compute(model: nn.Module) -> bool:

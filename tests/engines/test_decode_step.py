@@ -16,7 +16,7 @@ from fedpit.engines.kvcache import preallocated_cache
 from fedpit.model import cache_root, load_model
 from fedpit.native.kernels import DecodeKernels
 from fedpit.native.kernels import load as load_kernels
-from fedpit.packed import pack_linears, packing_available, unpack
+from fedpit.packed import pack_linears, packed_linear, packing_available, unpack
 
 BF16 = torch.bfloat16
 SIZES = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -116,16 +116,40 @@ def test_with_the_c_kernels_it_stays_close_to_the_forward(layout, tmp_path, monk
         assert not packing_available()
         return
     assert step.native is kernels
-    calls = {name: [] for name in ("attention", "add_rms_norm", "rotary", "silu_mul")}
+    assert (step.product == kernels.linear) is kernels.linear_available  # AVX512-BF16: the C products too
+    calls = {name: [] for name in ("attention", "add_rms_norm", "rotary", "silu_mul", "linear")}
     for name, record in calls.items():
         real = getattr(DecodeKernels, name)
         monkeypatch.setattr(DecodeKernels, name,
                             lambda self, *args, real=real, record=record: record.append(1) or real(self, *args))
+    step = DecodeStep.build(model, kernels)  # its product bound to the recording method
     with torch.inference_mode():
         theirs, ours, _, _ = _steps(model, step, *_batch(5, 11, padded=True))
     layers = model.config.num_hidden_layers
+    products = 4 * (4 * layers + 1) if kernels.linear_available else 0  # q/k/v, o, gate/up, down; the LM head
     assert {name: len(record) for name, record in calls.items()} == {  # four steps, every layer
-        "attention": 4 * layers, "rotary": 4 * layers, "silu_mul": 4 * layers, "add_rms_norm": 4 * (2 * layers + 1)}
+        "attention": 4 * layers, "rotary": 4 * layers, "silu_mul": 4 * layers, "add_rms_norm": 4 * (2 * layers + 1),
+        "linear": products}
+    for their_logits, our_logits in zip(theirs, ours, strict=True):
+        torch.testing.assert_close(our_logits.float(), their_logits.float(), atol=0.05, rtol=0.02)
+    unpack(swapped)
+
+
+def test_with_the_c_kernels_but_no_c_products_it_keeps_onednns(tmp_path, monkeypatch):
+    """On a CPU without AVX512-BF16 the kernels build without their linear layer: the step then multiplies with
+    oneDNN's packed weights (the model's own for o, down and the head) and stays close to the forward."""
+    kernels = load_kernels(tmp_path)
+    assert kernels is not None, "the tests need a C compiler (gcc)"
+    model, swapped = _packed_model("qwen2")
+    monkeypatch.setattr(kernels, "linear_available", False)
+    step = DecodeStep.build(model, kernels)
+    if step is None:
+        assert not packing_available()
+        return
+    assert step.native is kernels and step.product is packed_linear
+    assert step.layers[0].o is model.model.layers[0].self_attn.o_proj.packed and step.head is model.lm_head.packed
+    with torch.inference_mode():
+        theirs, ours, _, _ = _steps(model, step, *_batch(5, 11, padded=True))
     for their_logits, our_logits in zip(theirs, ours, strict=True):
         torch.testing.assert_close(our_logits.float(), their_logits.float(), atol=0.05, rtol=0.02)
     unpack(swapped)

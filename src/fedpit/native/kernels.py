@@ -1,4 +1,5 @@
-"""A bf16 decode step's attention and element-wise work on a CPU, in C compiled at first use (build.py).
+"""A bf16 decode step's attention, element-wise work and linear layers on a CPU, in C compiled at first use
+(build.py).
 
 Why the attention: in a bf16 decode step of SmolLM2 (8 rows, ~300 tokens of context, 2 cores) torch's SDPA
 took about 285 µs a layer, a quarter of the step, for a computation that reads under 1 MB. Its CPU kernel
@@ -14,6 +15,14 @@ each a dispatch from Python over a few thousand numbers. `decode_ops.c` does a n
 the rotary embedding of q and k, and the MLP's SiLU-and-product in one call each, rounding where torch's
 bf16 operations round (the rotary embedding and the residual sum bitwise; tested against torch).
 
+Why the linear layers: oneDNN's bf16 product, given a decode step's few rows, streamed SmolLM2's weights at
+about 19 GB/s (8 rows; this machine's memory gives about 50), and its 120 calls a step were half the step.
+`decode_linear.c` packs each weight once per inference block for `vdpbf16ps` and keeps every row's sums in
+registers while the weight streams past: the step's products 1.5x faster at 8 rows, 1.3x at 16, 1.7x at 1
+(`python benchmarks/generation_ab.py --lever c_linear` measures whole generations). It needs AVX512-BF16;
+elsewhere `linear_available` is False and the step keeps oneDNN's products. Its sums run in another order
+than oneDNN's, so its output is as close to an exact product as `F.linear`'s, not bitwise it (tested).
+
 No library we can depend on offers these for torch 2.13 on a CPU: torch.compile of the attention was
 slower than SDPA (and fails to lower the packed linear layers around the element-wise work), and the CPU
 extensions that ship such kernels are built for other torch versions. Without a compiler, or where the
@@ -25,6 +34,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -52,6 +62,11 @@ class DecodeKernels:
         self._add_rms_norm = _declare(library.add_rms_norm, [_POINTER] * 4 + [_SIZE] * 2 + [ctypes.c_float])
         self._rotary = _declare(library.rotary, [_POINTER, _SIZE] + [_POINTER] * 4 + [_SIZE] * 4)
         self._silu_mul = _declare(library.silu_mul, [_POINTER] * 2 + [_SIZE] * 2)
+        self._pack_linear = _declare(library.pack_linear, [_POINTER] * 2 + [_SIZE] * 2)
+        self._linear = _declare(library.decode_linear, [_POINTER, _SIZE, _POINTER, _POINTER, _POINTER] + [_SIZE] * 4,
+                                ctypes.c_int)
+        self.linear_available = bool(_declare(library.decode_linear_available, [], ctypes.c_int)())
+        """Whether `linear` computes here: the library was built for a CPU with AVX512-BF16."""
 
     @staticmethod
     def supports(head_dim: int, group: int, dtype: torch.dtype) -> bool:
@@ -120,6 +135,45 @@ class DecodeKernels:
         if gate_up.shape != (rows, 2 * inner):
             raise ValueError(f"silu_mul: gate_up {tuple(gate_up.shape)} is not [rows, 2 x {inner}]")
         self._silu_mul(gate_up.data_ptr(), out.data_ptr(), rows, inner)
+
+
+    def pack_linear(self, weight: torch.Tensor) -> PackedWeight:
+        """`weight` [out, in] (bf16, an even number of inputs) in the layout `linear` reads: a copy, made once
+        for the many steps that read it."""
+        _check_bf16(weight)
+        out_features, in_features = weight.shape
+        if in_features % 2:
+            raise ValueError(f"pack_linear needs an even number of inputs, got a weight of shape {tuple(weight.shape)}")
+        packed = weight.new_empty((-(-out_features // 16) * 16 * in_features,))
+        self._pack_linear(weight.data_ptr(), packed.data_ptr(), out_features, in_features)
+        return PackedWeight(packed, out_features, in_features)
+
+    def linear(self, x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x [rows, in] · weightᵀ + bias, [rows, out] in bf16 (`F.linear`'s arithmetic, the sums in another
+        order). x may be a view whose rows are spaced apart; its last dimension must be contiguous."""
+        if not self.linear_available:
+            raise RuntimeError("the C linear layer was built for a CPU without AVX512-BF16; use F.linear")
+        if x.dim() != 2 or x.shape[1] != weight.in_features or x.stride(1) != 1 or x.stride(0) % 2 \
+                or x.dtype != BF16 or not x.is_cpu:
+            raise ValueError(f"linear: x must be a bf16 CPU [rows, {weight.in_features}] with contiguous rows at an "
+                             f"even stride, got {x.dtype} {tuple(x.shape)} strides {x.stride()}")
+        if bias is not None:
+            _check_bf16(bias)
+            if bias.shape != (weight.out_features,):
+                raise ValueError(f"linear: bias {tuple(bias.shape)} is not [{weight.out_features}]")
+        out = x.new_empty((x.shape[0], weight.out_features))
+        self._linear(x.data_ptr(), x.stride(0), weight.data.data_ptr(), None if bias is None else bias.data_ptr(),
+                     out.data_ptr(), weight.out_features, x.shape[0], weight.out_features, weight.in_features)
+        return out
+
+
+@dataclass(frozen=True)
+class PackedWeight:
+    """A linear layer's weight as `DecodeKernels.linear` reads it: blocks of 16 outputs, two inputs a word."""
+
+    data: torch.Tensor
+    out_features: int
+    in_features: int
 
 
 def _declare(function, argtypes: list, restype=None):
