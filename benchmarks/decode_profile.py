@@ -1,12 +1,13 @@
 """Where a decode step's time goes, and how close it is to the machine's memory bandwidth.
 
     python benchmarks/decode_profile.py [--rows 16] [--context 350] [--dtype auto] [--step engine|forward]
-                                        [--kernels native|torch]
+                                        [--kernels native|torch] [--products c|onednn]
 
 One prefill of `rows` random prompts of `context` tokens on the embedded SmolLM2 (LoRA merged, as in
 generation), then 20 timed decode steps and 10 profiled ones, each the step the decode loop runs
 (decode_step.py where it applies, with its C kernels where they build, or with torch's operations and
-SDPA under `--kernels torch`; `--step forward` for the model's own forward). It prints the step time, the share
+SDPA under `--kernels torch`; its products in C where the CPU has AVX512-BF16, or oneDNN's under
+`--products onednn`; `--step forward` for the model's own forward). It prints the step time, the share
 of each kind of operation (the linear layers by shape, the LM head, attention, the rest), and the bytes
 a step must read from memory: every weight once (the batch shares them) plus every row's keys and values
 in every layer. Bytes / step time is the bandwidth the step achieves. When that is close to what the
@@ -26,7 +27,8 @@ from torch.profiler import ProfilerActivity, profile
 from fedpit.config import LoraConfig, ModelConfig
 from fedpit.engines.encoding import last_positions
 from fedpit.engines.kvcache import preallocated_cache
-from fedpit.model import load_model, resolve_model_path
+from fedpit.model import cache_root, load_model, resolve_model_path
+from fedpit.native import kernels as native
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -41,6 +43,9 @@ def main() -> None:
     parser.add_argument("--kernels", choices=("native", "torch"), default="native",
                         help="the engine step's attention and element-wise work: the C kernels (native/kernels.py) "
                              "or torch's operations and SDPA")
+    parser.add_argument("--products", choices=("c", "onednn"), default="c",
+                        help="the step's linear layers and LM head with the C kernels: the C product (decode_linear.c, "
+                             "on CPUs with AVX512-BF16) or oneDNN's")
     args = parser.parse_args()
     handle = load_model(ModelConfig(name=resolve_model_path("smollm2-135m-instruct"), dtype=args.dtype),
                         LoraConfig(rank=16, alpha=32, target_modules=TARGETS))
@@ -57,6 +62,8 @@ def main() -> None:
                     logits_to_keep=last_positions(context, 1, ids.device))
         state = {"mask": mask, "position": torch.full((rows,), context), "token": out.logits[:, -1].argmax(-1)}
 
+        if args.products == "onednn" and (kernels := native.load(cache_root(handle.model_config.cache_dir))):
+            kernels.linear_available = False  # read when the step is built
         fast = handle.decode_step() if args.step == "engine" else None  # what the decode loop runs
 
         def step() -> None:

@@ -1,6 +1,6 @@
 """One generation lever on and off, on `make bench`'s self-generation workload, alternated: what it is worth.
 
-    python benchmarks/generation_ab.py [--rows 16] [--repeats 7]
+    python benchmarks/generation_ab.py [--rows 16] [--repeats 7] [--workload prompts|round]
         --lever packing|prefill_attention|continuous|rows|decode_step|native|prefill_groups|c_linear
 
 Each repeat answers the bench's 32 response prompts (`synth.batch_size` rows at a time, at most 128 new tokens, the
@@ -16,6 +16,8 @@ of prompts is one padded forward; `c_linear` is the C linear layer of that step 
 AVX512-BF16), without which its products are oneDNN's. Prints what
 training_ab.py prints, for new tokens/s, and the seconds per call: a lever that changes bf16 numbers
 (prefill_attention, native, c_linear) may change the text, and with it how many tokens there are to count.
+`--workload round` times the generation phase of the bench's FedPIT client round instead (`self_generate` on its
+first client from a fresh adapter: 16 instruction prompts, then 8 responses) and prints only its seconds.
 """
 
 from __future__ import annotations
@@ -38,9 +40,11 @@ from fedpit import config as config_mod  # noqa: E402
 from fedpit.config import SynthConfig  # noqa: E402
 from fedpit.engines import continuous  # noqa: E402
 from fedpit.engines.generation import DecodingOptions, generate  # noqa: E402
+from fedpit.methods import ClientContext  # noqa: E402
 from fedpit.model import cache_root  # noqa: E402
 from fedpit.native import kernels as native  # noqa: E402
 from fedpit.runtimes.local import prepare  # noqa: E402
+from fedpit.types import ClientState  # noqa: E402
 
 LEVERS = ("packing", "prefill_attention", "continuous", "rows", "decode_step", "native", "prefill_groups", "c_linear")
 BLOCKED = attention.uses_blocked_attention
@@ -52,6 +56,8 @@ def main() -> None:
     parser.add_argument("--lever", choices=LEVERS, required=True)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--rows", type=int, default=16, help="rows at a time with the `rows` lever on")
+    parser.add_argument("--workload", choices=("prompts", "round"), default="prompts",
+                        help="the bench's 32 response prompts, or the generation phase of its FedPIT client round")
     args = parser.parse_args()
     torch.manual_seed(0)
     exp = prepare(config_mod.load(REPO / "configs" / "demo.toml", BASE))
@@ -83,8 +89,17 @@ def main() -> None:
         else:
             attention.uses_blocked_attention = BLOCKED if on else (lambda *a: False)
 
+    client = sorted(exp.federation.clients)[0]
+    synth_config = config_mod.replace(exp.config, **{"method.name": "fedpit"})
+
     def call() -> dict:
         began = time.perf_counter()
+        if args.workload == "round":
+            context = ClientContext(client=client, round=1, examples=exp.federation.clients[client],
+                                    state=ClientState(), handle=handle, fmt=exp.fmt, config=synth_config,
+                                    learning_rate=1e-4, seed=0)
+            context.self_generate(handle.fresh_adapter(0))
+            return {"seconds": time.perf_counter() - began}
         outputs = generate(handle, prompts, options, batch_size=rows)
         seconds = time.perf_counter() - began
         return {"tokens_per_s": count_tokens(handle.tokenizer, outputs) / seconds, "seconds": seconds}
@@ -97,7 +112,8 @@ def main() -> None:
         for on in (True, False) if repeat % 2 == 0 else (False, True):
             switch(on)
             runs[on].append(call())
-    report(args.lever, runs)
+    if args.workload == "prompts":
+        report(args.lever, runs)
     report(args.lever, runs, key="seconds", lower_is_better=True)
 
 

@@ -18,10 +18,11 @@ bf16 operations round (the rotary embedding and the residual sum bitwise; tested
 Why the linear layers: oneDNN's bf16 product, given a decode step's few rows, streamed SmolLM2's weights at
 about 19 GB/s (8 rows; this machine's memory gives about 50), and its 120 calls a step were half the step.
 `decode_linear.c` packs each weight once per inference block for `vdpbf16ps` and keeps every row's sums in
-registers while the weight streams past: the step's products 1.5x faster at 8 rows, 1.3x at 16, 1.7x at 1
-(`python benchmarks/generation_ab.py --lever c_linear` measures whole generations). It needs AVX512-BF16;
-elsewhere `linear_available` is False and the step keeps oneDNN's products. Its sums run in another order
-than oneDNN's, so its output is as close to an exact product as `F.linear`'s, not bitwise it (tested).
+registers while the weight streams past: a decode step 1.41x faster at 8 rows, 1.21x at 16, 1.69x at one
+(`benchmarks/decode_profile.py --products c|onednn`; `generation_ab.py --lever c_linear` on whole
+generations). It needs AVX512-BF16; elsewhere `linear_available` is False and the step keeps oneDNN's
+products. Its sums run in another order than oneDNN's, so its output is as close to an exact product as
+`F.linear`'s, not bitwise it (tested).
 
 No library we can depend on offers these for torch 2.13 on a CPU: torch.compile of the attention was
 slower than SDPA (and fails to lower the packed linear layers around the element-wise work), and the CPU
