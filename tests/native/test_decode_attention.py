@@ -42,7 +42,8 @@ def _reference(q, k, v, attended, scale):
     (1, 1, 1, 1, 64),     # one key: a block of four with three left over
     (3, 3, 3, 17, 64),    # SmolLM2's heads
     (8, 3, 3, 300, 64),   # a decode step of the bench
-    (2, 2, 4, 33, 128),   # the other specialised head size
+    (2, 2, 4, 33, 128),   # the other specialised head size, more query heads than the vdpbf16ps path takes
+    (3, 2, 2, 40, 128),   # the vdpbf16ps path (AVX512-BF16) at that head size
     (5, 1, 7, 50, 8),     # a head size the kernel does not specialise
     (2, 4, 1, 9, 256),    # no grouping, the largest head
 ])

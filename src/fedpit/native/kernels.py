@@ -7,7 +7,9 @@ runs one small matrix product per (row, head) pair through a general bf16 GEMM, 
 of the time. `decode_attention.c` takes each (row, key/value head) in one pass: the query heads that share a
 key/value head together, fp32 arithmetic, keys four at a time: about 115 µs for that layer, 270 against
 640 µs at 16 rows and 380 tokens. Its output is not bitwise SDPA's (the sums run in another order); it is as
-close to an fp64 reference as SDPA's (tested).
+close to an fp64 reference as SDPA's (tested). On AVX512-BF16, SmolLM2's head size and grouping take q·k with
+`vdpbf16ps` on the keys as stored: a decode step 1.08x faster at 8 and at 16 rows, not significantly at one
+(`python benchmarks/kernels_ab.py --base 9771f7e`).
 
 Why the element-wise work: with the attention and the products fast, a quarter of that step was the ~30
 small torch operations a layer around them (RMSNorm alone is 8: casts, square, mean, rsqrt, products),
