@@ -130,6 +130,37 @@ def test_prompts_prefilled_in_groups_get_what_they_get_alone(sensitive_model_dir
     assert len(set(alone)) > 3, "outputs should differ between prompts for the test to mean anything"
 
 
+def test_a_shared_beginning_is_prefilled_once_and_each_prompt_gets_what_it_gets_alone(sensitive_model_dir,
+                                                                                     monkeypatch):
+    """Prompts after a common template (as self-generation's are), more of them than rows and in several
+    prefill groups: each prefill computes the template once, and every prompt's greedy fp32 output is still
+    what it gets decoded alone, with a budget and a repetition penalty, as it is with sharing turned off."""
+    handle = load_model(ModelConfig(name=str(sensitive_model_dir), dtype="fp32", threads=1),
+                        LoraConfig(rank=4, alpha=8))
+    handle.set_adapter(_trained_looking_adapter(handle, seed=5))
+    template = "Come up with a series of tasks about the common course of"
+    prompts = [f"{template} {' '.join(['word'] * n)} {n}:" for n in (9, 1, 4, 12, 2, 7, 3)]
+    options = DecodingOptions(max_new_tokens=10, repetition_penalty=1.3)
+    alone = [generate(handle, [p], options, batch_size=1)[0] for p in prompts]
+    prefixes: list[int] = []
+    real_prefix = continuous.prefix_cache
+
+    def spy(model, tokens, device):
+        prefixes.append(len(tokens))
+        return real_prefix(model, tokens, device)
+
+    monkeypatch.setattr(continuous, "prefix_cache", spy)
+    monkeypatch.setattr(continuous, "PREFILL_GROUP_COST", 0)  # a group per length
+    assert generate(handle, prompts, options, batch_size=4) == alone
+    common = len(handle.tokenizer(template)["input_ids"])  # at least the template; more where a call's prompts
+    assert prefixes and all(common - 1 <= n for n in prefixes), (prefixes, common)  # share their first words too
+    prefixes.clear()
+    monkeypatch.setattr(continuous, "SHARED_PREFIX_MIN", 10**9)
+    assert generate(handle, prompts, options, batch_size=4) == alone
+    assert prefixes == [], "with the threshold out of reach nothing should be shared"
+    assert len(set(alone)) > 3, "outputs should differ between prompts for the test to mean anything"
+
+
 def test_generation_reports_progress_in_prompts(tiny_model_dir):
     handle = load_model(ModelConfig(name=str(tiny_model_dir), dtype="fp32", threads=1), LoraConfig(rank=4, alpha=8))
     for backend in ("fedpit", "hf"):

@@ -87,13 +87,13 @@ def test_a_shared_context_is_computed_once_and_every_loss_stays_the_models(sensi
     tok = handle.tokenizer
     pairs = _pairs_after_a_common_context(tok, 7)
     contexts: list[int] = []
-    real_cache = scoring._context_cache
+    real_cache = scoring.prefix_cache
 
-    def spy(handle, context):
+    def spy(model, context, device):
         contexts.append(len(context))
-        return real_cache(handle, context)
+        return real_cache(model, context, device)
 
-    monkeypatch.setattr(scoring, "_context_cache", spy)
+    monkeypatch.setattr(scoring, "prefix_cache", spy)
     shared = scoring.target_losses(handle, pairs, batch_size=3)
     common = len(tok(AlpacaFormat().render("Describe the usual course of"), add_special_tokens=True)["input_ids"])
     assert contexts == [scoring._shared_context(pairs)] and common <= contexts[0] <= common + 1

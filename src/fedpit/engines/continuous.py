@@ -43,7 +43,7 @@ from transformers import (
 )
 
 from fedpit.engines.encoding import last_positions
-from fedpit.engines.kvcache import absorb, can_absorb, preallocated_cache
+from fedpit.engines.kvcache import absorb, can_absorb, preallocated_cache, prefix_cache, repeat_rows, shared_prefix
 from fedpit.engines.stops import has_stop, stop_enders
 from fedpit.faults import failpoint
 
@@ -197,30 +197,48 @@ def prefill_groups(lengths: list[int], cost: int | None = None) -> list[int]:
     return sizes[::-1]
 
 
+SHARED_PREFIX_MIN = 8
+"""Tokens every prompt of a prefill must begin with before they are computed once for all of them (below that,
+the one-row forward and the copies of its keys and values cost about what they save)."""
+
+
 def _prefill(model, prompts: list[list[int]], ids: list[int], pad: int, options, device) -> list[tuple[Rows, object]]:
     """The prompts prefilled in groups of similar length (`prefill_groups`), longest first, each with its own
     cache; `decode` joins them into one. A lone group's cache has room for the new tokens (it is the batch's);
     several are copied into a new one anyway. One group where the model's cache cannot take rows in
-    (sliding-window or linear-attention layers)."""
+    (sliding-window or linear-attention layers).
+
+    A beginning that every prompt shares (self-generation's "Come up with a series of tasks:" and the Alpaca
+    header: 13 and 24 of SmolLM2's tokens) is computed once, as one row, and each group continues from a copy
+    of its keys and values: a row is then [shared][padding][its own tokens], its mask and positions saying so."""
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     prompts, ids = [prompts[i] for i in order], [ids[i] for i in order]
     groupable = can_absorb(preallocated_cache(model.config, 1))
-    sizes = prefill_groups([len(p) for p in prompts]) if groupable else [len(prompts)]
+    shared = shared_prefix(prompts) if groupable else 0
+    prefix = prefix_cache(model, prompts[0][:shared], device) if shared >= SHARED_PREFIX_MIN else None
+    shared = shared if prefix is not None else 0
+    sizes = prefill_groups([len(p) - shared for p in prompts]) if groupable else [len(prompts)]
     room = options.max_new_tokens if len(sizes) == 1 else 0
     groups, first = [], 0
     for size in sizes:
         groups.append(_prefill_group(model, prompts[first : first + size], ids[first : first + size], pad, device,
-                                     capacity=len(prompts[first]) + room))
+                                     capacity=len(prompts[first]) + room, prefix=prefix, shared=shared))
         first += size
     return groups
 
 
-def _prefill_group(model, prompts: list[list[int]], ids: list[int], pad: int, device,
-                   capacity: int) -> tuple[Rows, object]:
-    input_ids, mask = _left_pad(prompts, pad, device)
+def _prefill_group(model, prompts: list[list[int]], ids: list[int], pad: int, device, capacity: int,
+                   prefix=None, shared: int = 0) -> tuple[Rows, object]:
+    """One forward over `prompts`, left-padded; with a `prefix` cache, over their tokens after the first
+    `shared`, which every one of them begins with and which that cache holds."""
+    input_ids, mask = _left_pad([p[shared:] for p in prompts], pad, device)
     history, _ = _left_pad(prompts, None, device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = preallocated_cache(model.config, capacity)
+    if prefix is None:
+        cache = preallocated_cache(model.config, capacity)
+    else:
+        cache = repeat_rows(prefix, model.config, len(prompts), capacity)
+        mask = torch.cat([mask.new_ones((len(prompts), shared)), mask], dim=1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                 use_cache=True, logits_to_keep=last_positions(input_ids.shape[1], 1, device))
     return Rows(prompts=ids, mask=mask, next_position=positions[:, -1] + 1, history=history,

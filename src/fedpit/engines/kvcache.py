@@ -12,6 +12,8 @@ context into every row of a batch (`repeat_rows`). transformers'
 
 from __future__ import annotations
 
+import os
+
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
@@ -113,6 +115,27 @@ def repeat_rows(cache: DynamicCache, model_config, rows: int, capacity: int) -> 
     for mine, source in zip(copy.layers, cache.layers):
         mine.repeat(source, rows)
     return copy
+
+
+def shared_prefix(sequences: list[list[int]], keep: int = 1) -> int:
+    """Leading tokens every sequence has, leaving each at least `keep` tokens of its own after them."""
+    if len(sequences) < 2:
+        return 0
+    common = os.path.commonprefix(sequences)  # any sequences, not only strings
+    return max(0, min(len(common), min(len(s) for s in sequences) - keep))
+
+
+def prefix_cache(model, tokens: list[int], device) -> DynamicCache | None:
+    """Keys and values of `tokens` as one cached row, to be copied into every row that continues them
+    (`repeat_rows`), or None where the model's cache cannot be copied row by row (sliding-window or
+    linear-attention layers)."""
+    cache = preallocated_cache(model.config, len(tokens))
+    if not can_absorb(cache):
+        return None
+    ids = torch.tensor([tokens], device=device)
+    model(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, use_cache=True,
+          logits_to_keep=1)
+    return cache
 
 
 def absorb(cache: DynamicCache, others: list[DynamicCache], drop: int, width: int, capacity: int) -> None:

@@ -7,12 +7,10 @@ model predict the response, i.e. the pair is a coherent instruction/answer.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from fedpit.engines.encoding import EncodedPair, collate, encode_pair, last_positions, target_token_losses
-from fedpit.engines.kvcache import can_absorb, preallocated_cache, repeat_rows
+from fedpit.engines.kvcache import prefix_cache, repeat_rows, shared_prefix
 from fedpit.model import ModelHandle
 from fedpit.prompts import PromptFormat
 from fedpit.types import Example
@@ -34,7 +32,8 @@ def target_losses(handle: ModelHandle, pairs: list[EncodedPair], batch_size: int
 
 def _target_losses(handle: ModelHandle, pairs: list[EncodedPair], batch_size: int) -> list[float]:
     shared = _shared_context(pairs)
-    past = _context_cache(handle, pairs[0].input_ids[:shared]) if shared >= SHARED_CONTEXT_MIN else None
+    past = prefix_cache(handle.model, pairs[0].input_ids[:shared], handle.device) \
+        if shared >= SHARED_CONTEXT_MIN else None
     if past is None:
         shared = 0
     else:
@@ -61,22 +60,7 @@ def _target_losses(handle: ModelHandle, pairs: list[EncodedPair], batch_size: in
 def _shared_context(pairs: list[EncodedPair]) -> int:
     """Leading tokens that every pair has, all of them context, leaving each pair at least one context token
     of its own (its last context position predicts its first target)."""
-    if len(pairs) < 2:
-        return 0
-    common = os.path.commonprefix([p.input_ids for p in pairs])  # any sequences, not only strings
-    return max(0, min(len(common), min(p.num_context for p in pairs) - 1))
-
-
-def _context_cache(handle: ModelHandle, context: list[int]):
-    """Keys and values of `context` as one cached row, or None where the model's cache cannot be copied row
-    by row (sliding-window or linear-attention layers)."""
-    cache = preallocated_cache(handle.model.config, len(context))
-    if not can_absorb(cache):
-        return None
-    ids = torch.tensor([context], device=handle.device)
-    handle.model(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, use_cache=True,
-                 logits_to_keep=last_positions(len(context), 1, handle.device))
-    return cache
+    return shared_prefix([p.input_ids[: p.num_context] for p in pairs])
 
 
 def reference_nll(handle: ModelHandle, fmt: PromptFormat, examples: list[Example],
