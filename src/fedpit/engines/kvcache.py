@@ -5,8 +5,9 @@ whole cache every step: on 2 CPU cores that was a third of the decode time for 3
 (`make bench`). Here each layer's cache is allocated once for the prompt plus the token budget, a
 step writes one slice, and attention reads a view of the filled part. Dropping finished rows
 (`batch_select_indices`) and taking in newly prefilled ones (`absorb`, for continuous batching)
-are the only copies, once per change of the batch rather than once per step; scoring copies one row's
-context into every row of a batch (`repeat_rows`). transformers'
+are the only copies, once per change of the batch rather than once per step; a beginning that every
+sequence of a call shares is computed once (`prefix_cache`) and copied into every row that continues it
+(`repeat_rows`), by scoring and by the prefill of generation. transformers'
 `StaticCache` also avoids the copies but makes every step attend over the whole allocated length.
 """
 
