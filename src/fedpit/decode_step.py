@@ -16,9 +16,9 @@ faster than SDPA's CPU kernel, as close to an exact attention as SDPA, not bitwi
 the norms with their residual sums, the rotary embedding and the MLP's activation in them (8 rows, ~300 tokens:
 a step of 24.0 ms, against 26.1 with only the attention in C and 34.7 with torch's operations and SDPA;
 `benchmarks/decode_profile.py`), and on a CPU with AVX512-BF16 its linear layers and LM head too, with their
-weights packed for the C product when the step is built: 16.1 against 21.8 ms for that step, 10.8 against 16.6
-for one row, 25.4 against 30.8 for 16. The logits are then the forward's up to bf16 rounding, not bitwise, so
-bf16 text can differ from the forward's.
+weights packed for the C product when the step is built: 15.6 against 22.0 ms for that step, 9.5 against 16.1
+for one row, 25.0 against 30.2 for 16 (`decode_profile.py --products c|onednn`). The logits are then the
+forward's up to bf16 rounding, not bitwise, so bf16 text can differ from the forward's.
 
 It is used where packed weights are (packed.py: bf16 on a CPU whose oneDNN computes them exactly), for the
 architectures whose decoder layer it mirrors (`SUPPORTED`) with full attention in every layer; everything
@@ -181,8 +181,9 @@ class DecodeStep:
         return packed_linear(self.norm(hidden), self.head, self.head_bias)[:, -1]
 
     def _native_step(self, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
-        """The same layers with everything but the products in C: the residual stream `hidden` is summed in
-        place, each norm taking the last sub-layer's output `delta` with it, and buffers serve every layer."""
+        """The same layers with everything in C but the products where `product` is oneDNN's: the residual
+        stream `hidden` is summed in place, each norm taking the last sub-layer's output `delta` with it, and
+        buffers serve every layer."""
         kernels, product, rows, dim = self.native, self.product, tokens.shape[0], self.head_dim
         hidden = self.embed(tokens)  # [rows, width]
         cos, sin = (t.view(rows, dim) for t in self.rotary(hidden, positions[:, None]))
