@@ -10,8 +10,9 @@
  * More than 16 rows go 16 at a time. Sums are fp32 and the output is rounded once to bf16 (to nearest
  * even), after adding the bias: the arithmetic of torch's bf16 `F.linear`, the sums in another order.
  *
- * Without AVX512-BF16 at compile time (-march=native on another CPU) `decode_linear` returns -1 and
- * `decode_linear_available` 0, and the decode step keeps oneDNN's products.
+ * Without AVX512-BF16 (and AVX512-BW/VL, which every CPU with it has) at compile time (-march=native on
+ * another CPU) `decode_linear` returns -1 and `decode_linear_available` 0, and the decode step keeps oneDNN's
+ * products.
  */
 #include <stdint.h>
 #include <stddef.h>
@@ -34,7 +35,7 @@ void pack_linear(const uint16_t *w, uint16_t *packed, int64_t n, int64_t k) {
     }
 }
 
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512BF16__)
 #include <immintrin.h>
 
 int decode_linear_available(void) { return 1; }
