@@ -23,23 +23,31 @@ def _randn(*shape, seed: int, scale: float = 1.0) -> torch.Tensor:
     return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale).to(BF16)
 
 
-def test_built_exactly_where_the_cpu_has_avx512_bf16(kernels):
+@pytest.fixture
+def product(kernels):
+    """The kernels where this CPU computes the C product. Where it does not (no AVX512-BF16), what the library
+    must do instead is checked here, and the test has nothing more to compare: the decode step then keeps
+    oneDNN's products (test_decode_step.py)."""
     assert kernels.linear_available == _cpu_has_avx512_bf16()
-    if not kernels.linear_available:  # the decode step then keeps oneDNN's products (test_decode_step.py)
+    if not kernels.linear_available:
         weight = kernels.pack_linear(_randn(16, 8, seed=0))
         with pytest.raises(RuntimeError, match="AVX512-BF16"):
             kernels.linear(_randn(2, 8, seed=1), weight)
+        return None
+    return kernels
 
 
-needs_the_product = pytest.mark.skipif(not _cpu_has_avx512_bf16(),
-                                       reason="the C product is built for CPUs with AVX512-BF16 only")
+def test_built_exactly_where_the_cpu_has_avx512_bf16(product):
+    assert (product is not None) == _cpu_has_avx512_bf16()
 
 
-@needs_the_product
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 13, 16, 17, 40])
 @pytest.mark.parametrize("out_features,in_features", [(960, 576), (50, 64), (7, 30), (16, 2)])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_as_close_to_the_exact_product_as_f_linear(kernels, rows, out_features, in_features, with_bias):
+def test_as_close_to_the_exact_product_as_f_linear(product, rows, out_features, in_features, with_bias):
+    if product is None:  # the refusal on this CPU, checked by the fixture
+        return
+    kernels = product
     weight = _randn(out_features, in_features, seed=rows, scale=0.05)
     bias = _randn(out_features, seed=rows + 1) if with_bias else None
     x = _randn(rows, in_features, seed=rows + 2)
@@ -53,9 +61,11 @@ def test_as_close_to_the_exact_product_as_f_linear(kernels, rows, out_features, 
     assert float((ours == theirs).float().mean()) >= 0.97
 
 
-@needs_the_product
-def test_rows_spaced_apart_in_memory(kernels):
+def test_rows_spaced_apart_in_memory(product):
     """The attention's output and slices of wider buffers reach it as views whose rows are further apart."""
+    if product is None:  # the refusal on this CPU, checked by the fixture
+        return
+    kernels = product
     buffer = _randn(6, 100, seed=3)
     x = buffer[:, 4:68]  # row stride 100, 64 inputs
     weight = _randn(40, 64, seed=4, scale=0.05)
@@ -63,12 +73,18 @@ def test_rows_spaced_apart_in_memory(kernels):
     torch.testing.assert_close(ours.float(), F.linear(x.contiguous(), weight).float(), atol=2e-2, rtol=1e-2)
 
 
-def test_refuses_what_would_reach_c_wrongly(kernels):
+def test_where_the_library_lacks_the_product_it_says_so_instead_of_reaching_c(kernels, monkeypatch):
+    monkeypatch.setattr(kernels, "linear_available", False)  # as a library built without AVX512-BF16 reports
+    with pytest.raises(RuntimeError, match="without AVX512-BF16; use F.linear"):
+        kernels.linear(_randn(2, 8, seed=1), kernels.pack_linear(_randn(16, 8, seed=0)))
+
+
+def test_refuses_what_would_reach_c_wrongly(kernels, product):
     with pytest.raises(ValueError, match="even number of inputs"):
         kernels.pack_linear(_randn(16, 7, seed=0))
     with pytest.raises(ValueError, match="contiguous bf16 CPU"):
         kernels.pack_linear(_randn(16, 8, seed=0).float())
-    if not kernels.linear_available:
+    if product is None:  # every product is refused on this CPU (the fixture checks it)
         return
     weight = kernels.pack_linear(_randn(16, 8, seed=0))
     with pytest.raises(ValueError, match=r"\[rows, 8\]"):
