@@ -82,6 +82,25 @@ def sensitive_model_dir(tmp_path_factory, smollm2_path) -> Path:
     return folder
 
 
+@pytest.fixture
+def record_prefixes(monkeypatch):
+    """`record_prefixes(module)` wraps the `prefix_cache` that `module` (an engine) calls and returns the list
+    of the lengths it is asked to compute: where a shared beginning was computed once, and how long it was."""
+
+    def record(module) -> list[int]:
+        lengths: list[int] = []
+        real = module.prefix_cache
+
+        def spy(model, tokens, device):
+            lengths.append(len(tokens))
+            return real(model, tokens, device)
+
+        monkeypatch.setattr(module, "prefix_cache", spy)
+        return lengths
+
+    return record
+
+
 def _write_instruction_file(path: Path, count: int, prefix: str = "") -> Path:
     """Distinct medical-style pairs so ROUGE filters and partitions behave as on real data."""
     organs = ["heart", "lung", "liver", "kidney", "skin", "brain", "bone", "eye", "ear", "blood", "thyroid", "colon"]

@@ -131,7 +131,7 @@ def test_prompts_prefilled_in_groups_get_what_they_get_alone(sensitive_model_dir
 
 
 def test_a_shared_beginning_is_prefilled_once_and_each_prompt_gets_what_it_gets_alone(sensitive_model_dir,
-                                                                                     monkeypatch):
+                                                                                     monkeypatch, record_prefixes):
     """Prompts after a common template (as self-generation's are), more of them than rows and in several
     prefill groups: each prefill computes the template once, and every prompt's greedy fp32 output is still
     what it gets decoded alone, with a budget and a repetition penalty, as it is with sharing turned off."""
@@ -142,14 +142,7 @@ def test_a_shared_beginning_is_prefilled_once_and_each_prompt_gets_what_it_gets_
     prompts = [f"{template} {' '.join(['word'] * n)} {n}:" for n in (9, 1, 4, 12, 2, 7, 3)]
     options = DecodingOptions(max_new_tokens=10, repetition_penalty=1.3)
     alone = [generate(handle, [p], options, batch_size=1)[0] for p in prompts]
-    prefixes: list[int] = []
-    real_prefix = continuous.prefix_cache
-
-    def spy(model, tokens, device):
-        prefixes.append(len(tokens))
-        return real_prefix(model, tokens, device)
-
-    monkeypatch.setattr(continuous, "prefix_cache", spy)
+    prefixes = record_prefixes(continuous)
     monkeypatch.setattr(continuous, "PREFILL_GROUP_COST", 0)  # a group per length
     assert generate(handle, prompts, options, batch_size=4) == alone
     common = len(handle.tokenizer(template)["input_ids"])  # at least the template; more where a call's prompts

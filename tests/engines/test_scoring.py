@@ -76,7 +76,7 @@ def _pairs_after_a_common_context(tok, count: int) -> list[EncodedPair]:
 
 @pytest.mark.parametrize("through_the_head", [True, False])
 def test_a_shared_context_is_computed_once_and_every_loss_stays_the_models(sensitive_model_dir, monkeypatch,
-                                                                           through_the_head):
+                                                                           record_prefixes, through_the_head):
     """Seven pairs after a common template: the common part is run once (one row) and copied into each batch
     of three, and every pair's loss is still the unbatched model's (fp32), as it is with sharing turned off. The
     model is one whose losses turn on positions and on which tokens are attended (conftest.py). Both ways to
@@ -86,14 +86,7 @@ def test_a_shared_context_is_computed_once_and_every_loss_stays_the_models(sensi
     handle = load_model(ModelConfig(name=str(sensitive_model_dir), dtype="fp32"), LoraConfig(rank=4, alpha=8))
     tok = handle.tokenizer
     pairs = _pairs_after_a_common_context(tok, 7)
-    contexts: list[int] = []
-    real_cache = scoring.prefix_cache
-
-    def spy(model, context, device):
-        contexts.append(len(context))
-        return real_cache(model, context, device)
-
-    monkeypatch.setattr(scoring, "prefix_cache", spy)
+    contexts = record_prefixes(scoring)
     shared = scoring.target_losses(handle, pairs, batch_size=3)
     common = len(tok(AlpacaFormat().render("Describe the usual course of"), add_special_tokens=True)["input_ids"])
     assert contexts == [scoring._shared_context(pairs)] and common <= contexts[0] <= common + 1
