@@ -97,13 +97,13 @@ def main() -> None:
             attention.uses_blocked_attention = BLOCKED if on else (lambda *a: False)
 
     client = sorted(exp.federation.clients)[0]
-    synth_config = config_mod.replace(exp.config, **{"method.name": "fedpit"})
+    round_config = config_mod.replace(exp.config, **{"method.name": "fedpit"})
 
     def call() -> dict:
         began = time.perf_counter()
         if args.workload == "round":
             context = ClientContext(client=client, round=1, examples=exp.federation.clients[client],
-                                    state=ClientState(), handle=handle, fmt=exp.fmt, config=synth_config,
+                                    state=ClientState(), handle=handle, fmt=exp.fmt, config=round_config,
                                     learning_rate=1e-4, seed=0)
             context.self_generate(handle.fresh_adapter(0))
             return {"seconds": time.perf_counter() - began}

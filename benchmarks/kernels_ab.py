@@ -47,16 +47,8 @@ def library_at(revision: str, directory: Path) -> Path:
         if shown.returncode != 0:
             raise SystemExit(f"kernels_ab.py: {relative} is not in revision {revision} ({shown.stderr.strip()}); "
                              f"pick a --base that has every source the kernels build from now")
-        text = shown.stdout
-        (sources / path.name).write_text(text)
-    original = native_build.SOURCES, native_build.HEADERS, native_build.DIRECTORY
-    native_build.SOURCES = tuple(sources / p.name for p in native_build.SOURCES)
-    native_build.HEADERS = tuple(sources / p.name for p in native_build.HEADERS)
-    native_build.DIRECTORY = sources
-    try:
-        return native_build.build(directory / "cache")
-    finally:
-        native_build.SOURCES, native_build.HEADERS, native_build.DIRECTORY = original
+        (sources / path.name).write_text(shown.stdout)
+    return native_build.build(directory / "cache", source_dir=sources)
 
 
 def main() -> None:

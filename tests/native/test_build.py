@@ -24,6 +24,21 @@ def test_built_once_per_cache_and_never_half_written(tmp_path, monkeypatch):
     assert [p.name for p in (tmp_path / "native").iterdir()] == [first.name]  # no temporary file left
 
 
+def test_sources_from_another_folder_build_their_own_library(tmp_path):
+    """What benchmarks/kernels_ab.py relies on: a copy of the sources builds the library of the sources it holds
+    (the same key as fedpit's own while it is the same), and a changed copy builds another."""
+    copy = tmp_path / "src"
+    copy.mkdir()
+    for path in (*build_module.SOURCES, *build_module.HEADERS):
+        (copy / path.name).write_bytes(path.read_bytes())
+    ours = build(tmp_path / "cache")
+    assert build(tmp_path / "cache", source_dir=copy) == ours
+    changed = copy / build_module.SOURCES[0].name
+    changed.write_text(changed.read_text() + "\n/* another revision */\n")
+    other = build(tmp_path / "cache", source_dir=copy)
+    assert other != ours and other.is_file()
+
+
 @pytest.mark.parametrize("compiler,reason", [("/nonexistent/cc", "no C compiler"), ("false", "failed to build")])
 def test_without_a_working_compiler_it_is_none_and_says_why(tmp_path, monkeypatch, caplog, compiler, reason):
     monkeypatch.setenv("CC", compiler)

@@ -34,13 +34,16 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-m
 BUILD_SECONDS = 120
 
 
-def build(cache: Path) -> Path:
-    """The compiled library in `cache`/native, compiled now if none for these sources, compiler and CPU is there."""
+def build(cache: Path, source_dir: Path = DIRECTORY) -> Path:
+    """The compiled library in `cache`/native, compiled now if none for these sources, compiler and CPU is there.
+    `source_dir` holds the files named in SOURCES and HEADERS: fedpit's own, or another revision's
+    (benchmarks/kernels_ab.py compares two)."""
     compiler = shlex.split(os.environ.get("CC", "cc"))
     if not compiler or shutil.which(compiler[0]) is None:
         raise RuntimeError(f"no C compiler: '{' '.join(compiler) or '$CC'}' was not found")
+    sources = [source_dir / path.name for path in SOURCES]
     directory = cache / "native"
-    target = directory / f"decode-kernels-{_build_key(compiler)}.so"
+    target = directory / f"decode-kernels-{_build_key(compiler, source_dir)}.so"
     if target.is_file():
         return target
     directory.mkdir(parents=True, exist_ok=True)
@@ -48,7 +51,7 @@ def build(cache: Path) -> Path:
     handle, partial = tempfile.mkstemp(dir=directory, prefix=".decode-kernels-", suffix=".so")
     os.close(handle)
     try:
-        command = [*compiler, *FLAGS, "-I", str(DIRECTORY), *map(str, SOURCES), "-o", partial, "-lm"]
+        command = [*compiler, *FLAGS, "-I", str(source_dir), *map(str, sources), "-o", partial, "-lm"]
         result = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_SECONDS, check=False)
         if result.returncode != 0:
             detail = (result.stderr or result.stdout).strip().splitlines()
@@ -61,10 +64,10 @@ def build(cache: Path) -> Path:
     return target
 
 
-def _build_key(compiler: list[str]) -> str:
+def _build_key(compiler: list[str], source_dir: Path) -> str:
     version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=30, check=False).stdout
     digest = hashlib.sha256()
-    parts = [path.read_bytes() for path in SOURCES + HEADERS]
+    parts = [(source_dir / path.name).read_bytes() for path in SOURCES + HEADERS]
     for part in (*parts, version.encode(), " ".join(FLAGS).encode(), _cpu_features().encode()):
         digest.update(part)
         digest.update(b"\0")
