@@ -2,7 +2,7 @@
 
     python benchmarks/generation_ab.py [--rows 16] [--repeats 7] [--workload prompts|round]
         --lever packing|prefill_attention|continuous|rows|decode_step|native|prefill_groups|c_linear|
-              shared_prefix
+              shared_prefix|prefill_softmax
 
 Each repeat answers the bench's 32 response prompts (`synth.batch_size` rows at a time, at most 128 new tokens, the
 bench's stop strings and repetition penalty) once with the lever and once without, the order
@@ -15,10 +15,11 @@ continuous batching (engines/continuous.py), without which prompts are decoded i
 `prefill_groups` prefills prompts in groups of similar length (engines/continuous.py), without which each batch
 of prompts is one padded forward; `c_linear` is the C linear layer of that step (decode_linear.c, on CPUs with
 AVX512-BF16), without which its products are oneDNN's; `shared_prefix` computes a beginning that every prompt of
-a prefill shares once (engines/continuous.py), without which each prompt is prefilled whole. Prints what
+a prefill shares once (engines/continuous.py), without which each prompt is prefilled whole; `prefill_softmax` is
+the C softmax of blocked bf16 prefills (attention.native_attention), without which it is torch's. Prints what
 training_ab.py prints, for new tokens/s, and the seconds per call: a lever that changes bf16 numbers
-(prefill_attention, native, c_linear, shared_prefix) may change the text, and with it how many tokens there
-are to count.
+(prefill_attention, native, c_linear, shared_prefix, prefill_softmax) may change the text, and with it how many
+tokens there are to count.
 `--workload round` times the generation phase of the bench's FedPIT client round instead (`self_generate` on its
 first client from a fresh adapter: 16 instruction prompts, then 8 responses) and prints only its seconds.
 """
@@ -50,8 +51,13 @@ from fedpit.runtimes.local import prepare  # noqa: E402
 from fedpit.types import ClientState  # noqa: E402
 
 LEVERS = ("packing", "prefill_attention", "continuous", "rows", "decode_step", "native", "prefill_groups", "c_linear",
-          "shared_prefix")
+          "shared_prefix", "prefill_softmax")
 BLOCKED = attention.uses_blocked_attention
+NATIVE_ATTENTION = attention.native_attention
+
+
+def TORCH_SOFTMAX(_kernels, *block):  # noqa: N802 (stands in for a module constant)
+    return attention.matmul_attention(*block)
 GROUP_COST = continuous.PREFILL_GROUP_COST
 SHARED_MIN = continuous.SHARED_PREFIX_MIN
 
@@ -89,6 +95,8 @@ def main() -> None:
             continuous.PREFILL_GROUP_COST = GROUP_COST if on else 10**9  # off: one group, whatever the lengths
         elif args.lever == "shared_prefix":
             continuous.SHARED_PREFIX_MIN = SHARED_MIN if on else 10**9  # off: nothing is ever long enough to share
+        elif args.lever == "prefill_softmax":  # off: every block takes torch's softmax, kernels or not
+            attention.native_attention = NATIVE_ATTENTION if on else TORCH_SOFTMAX
         elif args.lever == "c_linear":
             kernels.linear_available = on  # read when each inference block builds its decode step
         elif args.lever == "continuous":

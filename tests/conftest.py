@@ -82,6 +82,16 @@ def sensitive_model_dir(tmp_path_factory, smollm2_path) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def kernels(tmp_path_factory):
+    """The C kernels of native/, built into a fresh cache (needs the C compiler fedpit itself can do without:
+    it then keeps torch's operations, tests/native/test_build.py)."""
+    from fedpit.native.build import build
+    from fedpit.native.kernels import DecodeKernels
+
+    return DecodeKernels(build(tmp_path_factory.mktemp("cache")))
+
+
 @pytest.fixture
 def record_prefixes(monkeypatch):
     """`record_prefixes(module)` wraps the `prefix_cache` that `module` (an engine) calls and returns the list

@@ -9,7 +9,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "fedpit"
 
 LAYERS = [
     {"errors", "types", "seeding", "registry", "textmetrics", "faults", "dropout", "memory", "attention", "packed",
-     "native", "decode_step"},
+     "native", "decode_step", "native_layers"},
     {"config"},
     {"model", "prompts", "data"},
     {"engines"},

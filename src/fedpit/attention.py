@@ -19,16 +19,41 @@ CPU kernel ran 16 prompts of 338 tokens at 37 ms a layer; the same matmuls over 
 queries, each block with only the keys up to its last query, took 22 ms, as a causal mask leaves the
 rest of the keys unread (`blocked_attention`). Keys are cropped only where the mask itself says no
 query of the block attends past them, so a mask that is not causal gets the unblocked matmuls.
+
+Inside `native_softmax(kernels)` (a model's inference block, where the C kernels of native/ are built) a
+prefill's softmax is one C pass (`DecodeKernels.masked_softmax`) over the bf16 scores in place, where torch
+spent five passes (cast to fp32, scale, mask, softmax, cast back) and their allocations: ~40% of the bench
+round's prefill attention time (docs/performance.md).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from fedpit.native.kernels import DecodeKernels
 
 ATTENTION = "fedpit_sdpa"
 MAX_SAVED_BYTES = 64 * 2**20
 BLOCK = 64  # queries per block of a prefill: 48-64 measured alike, 128 was 16% slower, 338 (no blocks) 70%
 _HALF = (torch.bfloat16, torch.float16)
+_native: DecodeKernels | None = None
+
+
+@contextmanager
+def native_softmax(kernels: DecodeKernels | None) -> Iterator[None]:
+    """Blocked prefills in this block take their softmax from `kernels` (None: torch's). Process-wide, like
+    the attention registry itself; blocks nest (the outer one's kernels come back at the end)."""
+    global _native
+    previous, _native = _native, kernels
+    try:
+        yield
+    finally:
+        _native = previous
 
 
 def uses_matmul_attention(query: torch.Tensor, key: torch.Tensor, dropout: float, kwargs: dict) -> bool:
@@ -77,6 +102,19 @@ def uses_blocked_attention(query: torch.Tensor, dropout: float, kwargs: dict) ->
             and kwargs.get("cache") is None and not kwargs.get("output_attentions", False))
 
 
+def native_attention(kernels: DecodeKernels, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+    """`matmul_attention` with the softmax in C, on the bf16 scores in place; [B, Q, H, D]. Takes no mask
+    (causal) or a boolean one."""
+    batch, heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    group = heads // kv_heads
+    scores = torch.matmul(query.reshape(batch, kv_heads, group * length, dim), key.transpose(-1, -2))
+    kernels.masked_softmax(scores.view(batch, heads, length, -1), attention_mask, length, scaling)
+    output = torch.matmul(scores, value).view(batch, kv_heads, group, length, dim)
+    return output.reshape(batch, heads, length, dim).transpose(1, 2).contiguous()
+
+
 def blocked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
     """`matmul_attention` over blocks of `BLOCK` queries, each with the keys up to its last query only
@@ -92,13 +130,16 @@ def blocked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
             attended = future if future.dtype == torch.bool else future > torch.finfo(future.dtype).min / 2
             if bool(attended.any()):
                 return matmul_attention(query, key, value, attention_mask, scaling)
+    native = attention_mask is None or (attention_mask.dtype == torch.bool and attention_mask.dim() == 4
+                                        and attention_mask.shape[1] == 1 and attention_mask.stride(-1) == 1)
+    kernels = _native if native else None
     output = query.new_empty((batch, length, heads, dim))
     for start in range(0, length, BLOCK):
         end = min(length, start + BLOCK)
         seen = offset + end
         mask = None if attention_mask is None else attention_mask[..., start:end, :seen]
-        output[:, start:end] = matmul_attention(query[:, :, start:end], key[:, :, :seen], value[:, :, :seen],
-                                                mask, scaling)
+        block = (query[:, :, start:end], key[:, :, :seen], value[:, :, :seen], mask, scaling)
+        output[:, start:end] = matmul_attention(*block) if kernels is None else native_attention(kernels, *block)
     return output
 
 

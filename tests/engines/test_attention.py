@@ -171,6 +171,34 @@ def test_a_bf16_prefill_runs_in_causal_blocks_and_matches_sdpa(monkeypatch, leng
     torch.testing.assert_close(got.float()[real], want[real], atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("kind", ["padded", None, "additive"])
+def test_inside_native_softmax_a_prefill_takes_the_c_softmax_block_by_block(monkeypatch, kernels, kind):
+    """With the kernels in force, each block of a boolean-masked or causal prefill takes its softmax from C and
+    still matches SDPA; an additive mask keeps torch's softmax (the C one reads booleans)."""
+    torch.manual_seed(5)
+    length, keys, dim = (150, 150, 16) if kind is None else (130, 170, 16)  # no mask means causal only if Q = L
+    query = torch.randn(len(PADS), 6, length, dim).to(BF16)
+    key, value = (torch.randn(len(PADS), 2, keys, dim).to(BF16) for _ in range(2))
+    mask = None if kind is None else padded_mask(length, keys)
+    native_calls, real_native = [], attention.native_attention
+    monkeypatch.setattr(attention, "native_attention",
+                        lambda kernels, q, k, *a: native_calls.append(k.shape[2]) or real_native(kernels, q, k, *a))
+    torch_calls = keys_per_matmul_call(monkeypatch)
+    with torch.no_grad(), attention.native_softmax(kernels):
+        got, _ = attention_forward(module(3), query, key, value, additive(mask) if kind == "additive" else mask,
+                                   scaling=dim**-0.5)
+    blocks = [keys - length + (b + 1) * attention.BLOCK for b in range(-(-length // attention.BLOCK))]
+    assert (torch_calls, native_calls) == (([], [min(keys, n) for n in blocks]) if kind != "additive"
+                                           else ([min(keys, n) for n in blocks], []))
+    real = torch.ones(len(PADS), length, dtype=torch.bool)
+    if mask is not None:  # queries that are all padding (none when keys exceed them by more than the pads)
+        for row, pad in enumerate(PADS):
+            real[row, : max(0, pad - (keys - length))] = False
+    want = reference(query, key, value, mask, dim**-0.5)
+    torch.testing.assert_close(got.float()[real], want[real], atol=2e-2, rtol=2e-2)
+    assert attention._native is None  # the block ends with torch's softmax back
+
+
 def test_a_mask_that_is_not_causal_is_not_cropped(monkeypatch):
     torch.manual_seed(4)
     length, dim = 100, 16

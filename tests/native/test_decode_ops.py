@@ -79,6 +79,28 @@ def test_silu_mul_is_torchs_silu_times_up(kernels):
     _within_one_bf16_step(out, torch.nn.functional.silu(gate) * up)
 
 
+def test_the_prefill_forms_compute_what_the_step_forms_do_over_many_rows(kernels):
+    """`silu_mul_pair` (gate and up apart) and `rms_norm` (no residual) over enough rows to be threaded: the same
+    bits as `silu_mul` / `add_rms_norm` row by row, hidden left as it was."""
+    rows, inner, dim = 300, 96, 72
+    gate_up = _randn(rows, 2 * inner, seed=10, scale=4.0)
+    want = torch.empty(rows, inner, dtype=BF16)
+    kernels.silu_mul(gate_up, want)
+    gate, up = (part.contiguous() for part in gate_up.split(inner, dim=-1))
+    got = torch.empty_like(want)
+    kernels.silu_mul_pair(gate, up, got)
+    assert torch.equal(got, want)
+    hidden, weight = _randn(rows, dim, seed=11, scale=3.0), _randn(dim, seed=12) + 1
+    before, want, got = hidden.clone(), torch.empty_like(hidden), torch.empty_like(hidden)
+    kernels.add_rms_norm(hidden.clone(), None, weight, want, 1e-5)
+    kernels.rms_norm(hidden, weight, got, 1e-5)
+    assert torch.equal(got, want) and torch.equal(hidden, before)
+    with pytest.raises(ValueError, match="silu_mul_pair"):
+        kernels.silu_mul_pair(gate, up[:5], got[:, :inner])
+    with pytest.raises(ValueError, match="rms_norm"):
+        kernels.rms_norm(hidden, weight[:8], got, 1e-5)
+
+
 def test_they_refuse_what_would_reach_c_wrongly(kernels):
     hidden, weight = _randn(2, 8), _randn(8)
     with pytest.raises(ValueError, match="contiguous bf16"):
@@ -94,3 +116,64 @@ def test_they_refuse_what_would_reach_c_wrongly(kernels):
                        torch.empty(2, 2, 4, dtype=BF16))  # q and k need 24 columns
     with pytest.raises(ValueError, match="is not"):
         kernels.silu_mul(_randn(2, 10), torch.empty(2, 4, dtype=BF16))
+
+
+def _torch_softmax(scores: torch.Tensor, attended: torch.Tensor, scale: float) -> torch.Tensor:
+    """What `attention.matmul_attention` does to bf16 scores: fp32, scaled, masked, softmax, bf16."""
+    masked = scores.float().mul(scale).masked_fill(~attended, torch.finfo(torch.float32).min)
+    return torch.softmax(masked, dim=-1).to(BF16)
+
+
+def _prefill_mask(pads: list[tuple[int, int]], length: int, keys: int) -> torch.Tensor:
+    """bool [B, 1, Q, L]: causal (queries the last Q keys), each row's keys [start, end) not attended."""
+    mask = torch.ones(length, keys, dtype=torch.bool).tril(keys - length).repeat(len(pads), 1, 1, 1)
+    for row, (start, end) in enumerate(pads):
+        mask[row, :, :, start:end] = False
+    return mask
+
+
+@pytest.mark.parametrize("length,keys", [(7, 7), (5, 40), (64, 300), (3, 33)])
+def test_masked_softmax_is_torchs_masked_softmax(kernels, length, keys):
+    """Left padding, padding between a shared beginning and a row's own tokens, and a row that is all padding
+    (its queries attend nothing: the same weight on every key, as torch gives); in place."""
+    pads = [(0, 0), (0, 2), (1, 3), (0, keys)]
+    mask = _prefill_mask(pads, length, keys)
+    scores = _randn(len(pads), 6, length, keys, seed=7, scale=4.0)
+    want = _torch_softmax(scores, mask, 0.125)
+    kernels.masked_softmax(scores, mask, length, 0.125)
+    _within_one_bf16_step(scores, want, nearly_all=0.98)
+    assert torch.equal(scores == 0, want == 0)  # what is not attended weighs exactly nothing
+    assert torch.equal(scores[3], torch.full_like(scores[3], 1.0 / keys))
+
+
+@pytest.mark.parametrize("length,keys", [(9, 9), (4, 30)])
+def test_masked_softmax_without_a_mask_is_causal_over_the_last_keys(kernels, length, keys):
+    scores = _randn(2, 3, length, keys, seed=8, scale=4.0)
+    causal = torch.ones(length, keys, dtype=torch.bool).tril(keys - length)
+    want = _torch_softmax(scores, causal, 0.3)
+    kernels.masked_softmax(scores, None, length, 0.3)
+    _within_one_bf16_step(scores, want, nearly_all=0.98)
+    assert torch.equal(scores == 0, want == 0)
+
+
+def test_masked_softmax_reads_a_mask_view_and_broadcasts_its_batch(kernels):
+    """A block of a larger mask (a view with the larger mask's strides) and one mask for every row."""
+    whole = _prefill_mask([(0, 5)], 12, 12)
+    block = whole[..., 4:8, :8]  # queries 4..7 against the keys up to the block's last query
+    scores = _randn(3, 2, 4, 8, seed=9, scale=4.0)
+    want = _torch_softmax(scores, block, 0.5)
+    kernels.masked_softmax(scores, block, 4, 0.5)
+    _within_one_bf16_step(scores, want, nearly_all=0.98)
+
+
+def test_masked_softmax_refuses_what_it_cannot_read(kernels):
+    scores = _randn(2, 3, 4, 6)
+    mask = torch.ones(2, 1, 4, 6, dtype=torch.bool)
+    strided = torch.ones(2, 1, 6, 4, dtype=torch.bool).transpose(2, 3)  # [2, 1, 4, 6], keys not contiguous
+    for bad_mask in (mask.float(), mask[:, :, :3], torch.ones(2, 3, 4, 6, dtype=torch.bool), strided):
+        with pytest.raises(ValueError, match="mask"):
+            kernels.masked_softmax(scores, bad_mask, 4, 1.0)
+    with pytest.raises(ValueError, match="masked_softmax"):
+        kernels.masked_softmax(scores, mask, 5, 1.0)  # more queries than the scores have
+    with pytest.raises(ValueError, match="contiguous bf16"):
+        kernels.masked_softmax(scores.float(), mask, 4, 1.0)

@@ -65,6 +65,10 @@ class DecodeKernels:
         self._add_rms_norm = _declare(library.add_rms_norm, [_POINTER] * 4 + [_SIZE] * 2 + [ctypes.c_float])
         self._rotary = _declare(library.rotary, [_POINTER, _SIZE] + [_POINTER] * 4 + [_SIZE] * 4)
         self._silu_mul = _declare(library.silu_mul, [_POINTER] * 2 + [_SIZE] * 2)
+        self._silu_mul_pair = _declare(library.silu_mul_pair, [_POINTER] * 3 + [_SIZE] * 2)
+        self._rms_norm_rows = _declare(library.rms_norm_rows, [_POINTER] * 3 + [_SIZE] * 2 + [ctypes.c_float])
+        self._masked_softmax = _declare(library.masked_softmax, [_POINTER] * 2 + [_SIZE] * 7 + [ctypes.c_float],
+                                        ctypes.c_int)
         self._pack_linear = _declare(library.pack_linear, [_POINTER] * 2 + [_SIZE] * 2)
         self._linear = _declare(library.decode_linear, [_POINTER, _SIZE, _POINTER, _POINTER, _POINTER] + [_SIZE] * 4,
                                 ctypes.c_int)
@@ -138,6 +142,46 @@ class DecodeKernels:
         if gate_up.shape != (rows, 2 * inner):
             raise ValueError(f"silu_mul: gate_up {tuple(gate_up.shape)} is not [rows, 2 x {inner}]")
         self._silu_mul(gate_up.data_ptr(), out.data_ptr(), rows, inner)
+
+    def silu_mul_pair(self, gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor) -> None:
+        """out = silu(gate) · up, all [rows, inner]: `silu_mul` for a prefill's many rows, threaded."""
+        _check_bf16(gate, up, out)
+        if gate.dim() != 2 or up.shape != gate.shape or out.shape != gate.shape:
+            raise ValueError(f"silu_mul_pair: gate {tuple(gate.shape)}, up {tuple(up.shape)}, out {tuple(out.shape)} "
+                             "are not the same [rows, inner]")
+        self._silu_mul_pair(gate.data_ptr(), up.data_ptr(), out.data_ptr(), *gate.shape)
+
+    def rms_norm(self, hidden: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, eps: float) -> None:
+        """out = RMSNorm(hidden) · weight, hidden and out [rows, dim]: `add_rms_norm` without a residual, for a
+        prefill's many rows, threaded."""
+        _check_bf16(hidden, weight, out)
+        if hidden.dim() != 2 or out.shape != hidden.shape or weight.shape != hidden.shape[1:]:
+            raise ValueError(f"rms_norm: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}, out "
+                             f"{tuple(out.shape)} do not match")
+        self._rms_norm_rows(hidden.data_ptr(), weight.data_ptr(), out.data_ptr(), *hidden.shape, eps)
+
+    def masked_softmax(self, scores: torch.Tensor, mask: torch.Tensor | None, length: int, scale: float) -> None:
+        """A prefill's attention scores to weights, in place: scores [batch, heads, length, keys] (bf16, as
+        q·Kᵀ rounded them; `heads` may be query heads grouped under their key/value head) become
+        softmax(scores · scale) over the attended keys, in bf16. mask: bool [batch, 1, length, keys] (a view;
+        size-1 batch broadcasts), True = attended; None = causal, the queries being the last `length` keys."""
+        _check_bf16(scores)
+        batch, heads, queries, keys = scores.shape
+        if queries != length or keys < length:
+            raise ValueError(f"masked_softmax: scores {tuple(scores.shape)} are not [batch, heads, {length}, keys >= "
+                             f"{length}]")
+        strides = (0, 0)
+        if mask is not None:
+            if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[0] not in (1, batch) \
+                    or tuple(mask.shape[2:]) != (length, keys) or mask.stride(-1) != 1 or not mask.is_cpu:
+                raise ValueError(f"masked_softmax: mask must be a bool [{batch}, 1, {length}, {keys}] view with "
+                                 f"contiguous keys, got {mask.dtype} {tuple(mask.shape)} strides {mask.stride()}")
+            strides = (mask.stride(0) if mask.shape[0] == batch else 0, mask.stride(2))
+        status = self._masked_softmax(scores.data_ptr(), None if mask is None else mask.data_ptr(),
+                                      batch * heads * length, heads * length, length, keys, *strides, keys - length,
+                                      scale)
+        if status != 0:
+            raise MemoryError("masked_softmax could not allocate its row buffers")
 
 
     def pack_linear(self, weight: torch.Tensor) -> PackedWeight:
