@@ -120,7 +120,9 @@ def test_inference_packs_bf16_layers_with_the_same_logits_and_puts_them_back(tin
         packed_layers = [m for m in handle.model.modules() if isinstance(m, PackedLinear)]
         with handle.inference():  # re-entrant: nothing is packed twice
             assert sum(isinstance(m, PackedLinear) for m in handle.model.modules()) == len(packed_layers)
-        assert head_path(handle.model) is not None  # scoring keeps the chunked LM-head loss
+        path = head_path(handle.model)
+        assert path is not None  # scoring keeps the chunked LM-head loss, on the packed head
+        assert isinstance(path[1], PackedLinear) == packing_available()
     # every merged projection and the LM head; none where this CPU has no oneDNN bf16
     assert len(packed_layers) == (lora_layers + 1 if packing_available() else 0)
     assert not any(isinstance(m, PackedLinear) for m in handle.model.modules())

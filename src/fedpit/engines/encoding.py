@@ -96,9 +96,9 @@ def target_token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor],
         inputs["past_key_values"] = past
     path = head_path(model)
     if path is not None:
-        decoder, weight = path
+        decoder, head = path
         hidden = decoder(**inputs).last_hidden_state[:, start - 1 : -1]
-        losses = HeadCrossEntropy.apply(hidden[mask], weight, targets[mask])
+        losses = HeadCrossEntropy.apply(hidden[mask], head.weight, targets[mask], head)
         return torch.zeros(targets.shape, dtype=losses.dtype, device=losses.device).masked_scatter(mask, losses), mask
     keep = labels.shape[1] - start + 1
     logits = model(**inputs, logits_to_keep=last_positions(labels.shape[1], keep, labels.device)).logits[:, :-1]

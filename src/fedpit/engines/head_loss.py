@@ -34,10 +34,14 @@ _probed: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary(
 
 
 class HeadCrossEntropy(torch.autograd.Function):
-    """losses[i] = cross-entropy of softmax(hidden[i] @ weightᵀ) at targets[i]; the weight gets no gradient."""
+    """losses[i] = cross-entropy of softmax(head(hidden[i])) at targets[i], head(x) = x @ weightᵀ; the weight gets
+    no gradient. The logits come from `head` itself: inside an inference block that is the `PackedLinear` whose
+    weight oneDNN reordered once for the block, where `F.linear` on the weight would reorder the whole vocabulary's
+    weight on every chunk (the same numbers: packed.py)."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                head: nn.Module) -> torch.Tensor:
         losses = torch.empty(len(targets), dtype=torch.float32, device=hidden.device)
         wants_grad = ctx.needs_input_grad[0]
         grad_hidden = torch.empty_like(hidden) if wants_grad else None
@@ -45,7 +49,7 @@ class HeadCrossEntropy(torch.autograd.Function):
         for start in range(0, len(targets), rows):
             part = slice(start, start + rows)
             target = targets[part, None]
-            logits = torch.nn.functional.linear(hidden[part], weight)  # in the model's dtype, as the model does
+            logits = head(hidden[part])  # in the model's dtype, as the model does
             log_probs = torch.log_softmax(logits.float(), dim=-1)
             losses[part] = -log_probs.gather(1, target).squeeze(1)
             if wants_grad:
@@ -56,16 +60,16 @@ class HeadCrossEntropy(torch.autograd.Function):
         return losses
 
     @staticmethod
-    def backward(ctx, grad_losses: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+    def backward(ctx, grad_losses: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
         (grad_hidden,) = ctx.saved_tensors
         if grad_hidden is None:
-            return None, None, None
-        return (grad_hidden.float() * grad_losses[:, None]).to(grad_hidden.dtype), None, None
+            return None, None, None, None
+        return (grad_hidden.float() * grad_losses[:, None]).to(grad_hidden.dtype), None, None, None
 
 
-def head_path(model: nn.Module) -> tuple[nn.Module, torch.Tensor] | None:
-    """(decoder, head weight) when the model's logits are `decoder(...).last_hidden_state @ weightᵀ`
-    exactly and the head is frozen; None otherwise (then the caller asks the model for logits)."""
+def head_path(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """(decoder, head) when the model's logits are `head(decoder(...).last_hidden_state)`, a frozen bias-free
+    linear head, exactly; None otherwise (then the caller asks the model for logits)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     # inside `ModelHandle.inference()` a bf16 CPU head is a PackedLinear, computing exactly what its weight does
@@ -76,7 +80,7 @@ def head_path(model: nn.Module) -> tuple[nn.Module, torch.Tensor] | None:
         return None
     if base not in _probed:
         _probed[base] = _logits_are_the_heads(base, decoder, head)
-    return (decoder, head.weight) if _probed[base] else None
+    return (decoder, head) if _probed[base] else None
 
 
 def _logits_are_the_heads(base: nn.Module, decoder: nn.Module, head: nn.Linear) -> bool:
