@@ -29,6 +29,7 @@ linear weight and the LM head with the C products: about 260 MB for SmolLM2).
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -144,6 +145,16 @@ class DecodeStep:
                                           qkv_bias, _single(attention.o_proj, pack), attention.o_proj.bias, gate_up,
                                           gate_up_bias, _single(mlp.down_proj, pack), mlp.down_proj.bias, mlp.act_fn))
             self.head, self.head_bias = _single(model.lm_head, pack), model.lm_head.bias
+        self.eps = self.norm.variance_epsilon
+        self.fused = c_products and {self.eps} == {n.variance_epsilon for x in self.layers
+                                                     for n in (x.input_norm, x.post_norm)} \
+            and len({x.attention.scaling for x in self.layers}) == 1
+        """All layers of a step in one C call (decode_layers.c), where the products are C's and every layer
+        shares one norm epsilon and one attention scale; bitwise the per-layer loop of `_native_step`."""
+        self.addresses = [[_address(x.input_norm.weight), _address(x.post_norm.weight), _address(x.qkv),
+                           _address(x.qkv_bias), _address(x.o), _address(x.o_bias), _address(x.gate_up),
+                           _address(x.gate_up_bias), _address(x.down), _address(x.down_bias)]
+                          for x in self.layers] if self.fused else []
 
     @classmethod
     def build(cls, model: nn.Module, kernels: DecodeKernels | None = None) -> DecodeStep | None:
@@ -156,6 +167,8 @@ class DecodeStep:
     def __call__(self, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
         """Logits [rows, vocabulary] for the token after `tokens` [rows]; `mask` [rows, positions] covers
         the cache's positions and the new one (1: attended), `positions` [rows] are the new tokens'."""
+        if self.fused and _claimable(getattr(cache, "layers", None), len(self.layers), tokens.shape[0]):
+            return self._fused_step(tokens, mask, positions, cache.layers)
         if self.native is not None:
             return self._native_step(tokens, mask, positions, cache)
         rows = tokens.shape[0]
@@ -205,6 +218,51 @@ class DecodeStep:
             delta = product(activated, layer.down, layer.down_bias)
         kernels.add_rms_norm(hidden, delta, self.norm.weight, normed, self.norm.variance_epsilon)
         return product(normed, self.head, self.head_bias)
+
+
+    def _fused_step(self, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                    caches: list) -> torch.Tensor:
+        """`_native_step` with its loop over the layers in C: each cache claims the new position, which the C
+        loop writes."""
+        kernels, rows, dim = self.native, tokens.shape[0], self.head_dim
+        slot = [layer.claim_slot() for layer in caches][0]  # every layer has the same length (`_claimable`)
+        hidden = self.embed(tokens)
+        cos, sin = (t.reshape(rows, dim).contiguous() for t in self.rotary(hidden, positions[:, None]))
+        new = hidden.new_empty
+        buffers = {"delta": torch.empty_like(hidden), "normed": torch.empty_like(hidden),
+                   "qkv": new((rows, sum(self.qk_v))), "q": new((rows, self.heads, dim)),
+                   "k": new((rows, self.kv_heads, dim)), "out": new((rows, self.heads * dim)),
+                   "gate_up": new((rows, 2 * self.intermediate)), "act": new((rows, self.intermediate))}
+        table = []
+        for static, layer in zip(self.addresses, caches, strict=True):
+            table += static + [layer.keys.data_ptr(), layer.values.data_ptr()]
+        kernels.decode_layers((ctypes.c_uint64 * len(table))(*table), hidden, buffers, cos, sin, mask.bool(), slot,
+                              caches[0].keys.stride()[:3], self.heads, self.kv_heads,
+                              self.layers[0].attention.scaling, self.eps)
+        kernels.add_rms_norm(hidden, buffers["delta"], self.norm.weight, buffers["normed"], self.eps)
+        return self.product(buffers["normed"], self.head, self.head_bias)
+
+
+def _address(value: Any) -> int:
+    """Where a weight (a tensor or a `PackedWeight`) or a bias starts; 0 for no bias."""
+    if value is None:
+        return 0
+    tensor = getattr(value, "data", value)
+    if tensor.dtype != torch.bfloat16 or not tensor.is_contiguous():
+        raise ValueError(f"decode_layers reads contiguous bf16 weights, got {tensor.dtype} {tuple(tensor.shape)}")
+    return tensor.data_ptr()
+
+
+def _claimable(caches: list | None, layers: int, rows: int) -> bool:
+    """Whether the C loop can write this step's keys and values: one cache a layer that lets a caller claim the
+    next position (engines/kvcache.py's preallocated layers), all of `rows` rows at the same length, laid out
+    alike (keys and values)."""
+    if not caches or len(caches) != layers or not all(hasattr(c, "claim_slot") and c.is_initialized
+                                                      for c in caches):
+        return False
+    first = caches[0].keys
+    return all(c.length == caches[0].length and c.keys.shape[0] == rows and c.keys.dtype == torch.bfloat16
+               and c.keys.stride() == first.stride() and c.values.stride() == first.stride() for c in caches)
 
 
 def _linears(model: nn.Module) -> list[PackedLinear]:

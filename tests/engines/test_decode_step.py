@@ -117,7 +117,7 @@ def test_with_the_c_kernels_it_stays_close_to_the_forward(layout, tmp_path, monk
         return
     assert step.native is kernels
     assert (step.product == kernels.linear) is kernels.linear_available  # AVX512-BF16: the C products too
-    calls = {name: [] for name in ("attention", "add_rms_norm", "rotary", "silu_mul", "linear")}
+    calls = {name: [] for name in ("attention", "add_rms_norm", "rotary", "silu_mul", "linear", "decode_layers")}
     for name, record in calls.items():
         real = getattr(DecodeKernels, name)
         monkeypatch.setattr(DecodeKernels, name,
@@ -126,12 +126,40 @@ def test_with_the_c_kernels_it_stays_close_to_the_forward(layout, tmp_path, monk
     with torch.inference_mode():
         theirs, ours, _, _ = _steps(model, step, *_batch(5, 11, padded=True))
     layers = model.config.num_hidden_layers
-    products = 4 * (4 * layers + 1) if kernels.linear_available else 0  # q/k/v, o, gate/up, down; the LM head
-    assert {name: len(record) for name, record in calls.items()} == {  # four steps, every layer
-        "attention": 4 * layers, "rotary": 4 * layers, "silu_mul": 4 * layers, "add_rms_norm": 4 * (2 * layers + 1),
-        "linear": products}
+    if step.fused:  # four steps: each one call for all layers (in C, the calls below), the last norm, the LM head
+        want = {"attention": 0, "rotary": 0, "silu_mul": 0, "add_rms_norm": 4, "linear": 4, "decode_layers": 4}
+    else:
+        products = 4 * (4 * layers + 1) if kernels.linear_available else 0  # q/k/v, o, gate/up, down; the LM head
+        want = {"attention": 4 * layers, "rotary": 4 * layers, "silu_mul": 4 * layers, "decode_layers": 0,
+                "add_rms_norm": 4 * (2 * layers + 1), "linear": products}
+    assert step.fused is kernels.linear_available  # C products: every layer of a step in one call
+    assert {name: len(record) for name, record in calls.items()} == want
     for their_logits, our_logits in zip(theirs, ours, strict=True):
         torch.testing.assert_close(our_logits.float(), their_logits.float(), atol=0.05, rtol=0.02)
+    unpack(swapped)
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_all_layers_in_one_c_call_are_bitwise_the_per_layer_loop(layout, tmp_path):
+    """decode_layers.c runs the layers as `_native_step` does, and writes each layer's keys and values itself:
+    the same logits and caches, bit for bit, over more steps than the caches had room for (they grow)."""
+    kernels = load_kernels(tmp_path)
+    assert kernels is not None, "the tests need a C compiler (gcc)"
+    model, swapped = _packed_model(layout)
+    fused, looped = DecodeStep.build(model, kernels), DecodeStep.build(model, kernels)
+    if fused is None:
+        assert not packing_available()
+        return
+    assert fused.fused is kernels.linear_available  # without C products (no AVX512-BF16) the loop stays in Python
+    looped.fused = False
+    with torch.inference_mode():
+        _, ours, _, our_cache = _steps(model, fused, *_batch(5, 11, padded=True), count=12)
+        _, theirs, _, their_cache = _steps(model, looped, *_batch(5, 11, padded=True), count=12)
+    assert our_cache.get_seq_length() == 11 + 12 > 11 + 8  # past the room `_prefilled` made
+    for our_logits, their_logits in zip(ours, theirs, strict=True):
+        assert torch.equal(our_logits, their_logits)
+    for layer, their_layer in zip(our_cache.layers, their_cache.layers, strict=True):
+        assert torch.equal(layer.keys, their_layer.keys) and torch.equal(layer.values, their_layer.values)
     unpack(swapped)
 
 
@@ -269,8 +297,9 @@ def test_generation_calls_the_c_kernels_by_default(tiny_model_dir, monkeypatch):
     handle = load_model(ModelConfig(name=str(tiny_model_dir), dtype="bf16"), LoraConfig(rank=4, alpha=8))
     handle.set_adapter(_trained_looking(handle, 1))
     calls = []
-    real_call = DecodeKernels.attention
-    monkeypatch.setattr(DecodeKernels, "attention", lambda self, *args: calls.append(1) or real_call(self, *args))
+    for name in ("attention", "decode_layers"):  # the step's layers one call at a time, or all in one
+        real = getattr(DecodeKernels, name)
+        monkeypatch.setattr(DecodeKernels, name, lambda self, *args, real=real: calls.append(1) or real(self, *args))
     prompts = ["one", "two words here", "a longer prompt than the others, with commas", "short again"]
     texts = generate(handle, prompts, DecodingOptions(max_new_tokens=10, repetition_penalty=1.2), batch_size=4)
     assert len(texts) == len(prompts) and all(isinstance(text, str) for text in texts)

@@ -47,6 +47,16 @@ class PreallocatedLayer(DynamicLayer):
         self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
         return self.keys, self.values
 
+    def claim_slot(self) -> int:
+        """Room for one more position, counted as filled: for a caller that writes it itself (the C decode step,
+        decode_layers.c). Returns its index."""
+        end = self.length + 1
+        if end > self._keys.shape[-2]:
+            self._grow(2 * self._keys.shape[-2])
+        self.length = end
+        self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
+        return end - 1
+
     def _grow(self, capacity: int) -> None:
         def grown(buffer: torch.Tensor) -> torch.Tensor:
             bigger = buffer.new_empty((*buffer.shape[:2], capacity, buffer.shape[3]))

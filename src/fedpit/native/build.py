@@ -1,5 +1,5 @@
-"""Builds the decode kernels' C sources (decode_attention.c, decode_ops.c, decode_linear.c) into one library,
-once per machine.
+"""Builds the decode kernels' C sources (decode_attention.c, decode_ops.c, decode_linear.c, decode_layers.c) into
+one library, once per machine.
 
 The sources ship with fedpit and the system C compiler (`$CC`, else `cc`) builds them at first use into
 `<cache>/native/` (`model.cache_dir`, `$FEDPIT_CACHE`, or ~/.cache/fedpit), for the machine's own vector
@@ -25,7 +25,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 DIRECTORY = Path(__file__).parent
-SOURCES = (DIRECTORY / "decode_attention.c", DIRECTORY / "decode_ops.c", DIRECTORY / "decode_linear.c")
+SOURCES = tuple(DIRECTORY / name
+                for name in ("decode_attention.c", "decode_ops.c", "decode_linear.c", "decode_layers.c"))
 HEADERS = (DIRECTORY / "bf16.h",)
 # -fassociative-math lets the compiler vectorise the sums (with the two flags it requires); -ffast-math is
 # avoided on purpose: linked into a shared library it switches the whole process to flush-to-zero.

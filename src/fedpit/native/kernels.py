@@ -72,6 +72,8 @@ class DecodeKernels:
         self._pack_linear = _declare(library.pack_linear, [_POINTER] * 2 + [_SIZE] * 2)
         self._linear = _declare(library.decode_linear, [_POINTER, _SIZE, _POINTER, _POINTER, _POINTER] + [_SIZE] * 4,
                                 ctypes.c_int)
+        self._layers = _declare(library.decode_layers, [_SIZE, _POINTER] + [_SIZE] * 6 + [_POINTER] * 12
+                                + [_SIZE] * 5 + [ctypes.c_float] * 2, ctypes.c_int)
         self.linear_available = bool(_declare(library.decode_linear_available, [], ctypes.c_int)())
         """Whether `linear` computes here: the library was built for a CPU with AVX512-BF16."""
 
@@ -212,6 +214,41 @@ class DecodeKernels:
         self._linear(x.data_ptr(), x.stride(0), weight.data.data_ptr(), None if bias is None else bias.data_ptr(),
                      out.data_ptr(), weight.out_features, x.shape[0], weight.out_features, weight.in_features)
         return out
+
+    LAYER_FIELDS = 12
+    """Addresses per layer in `decode_layers`' table: input norm, post-attention norm, qkv, its bias, o, its bias,
+    gate_up, its bias, down, its bias, the layer's key cache, its value cache (decode_layers.c)."""
+
+    def decode_layers(self, table: ctypes.Array, hidden: torch.Tensor, buffers: dict[str, torch.Tensor],
+                      cos: torch.Tensor, sin: torch.Tensor, attended: torch.Tensor, slot: int,
+                      cache_strides: tuple[int, int, int], heads: int, kv_heads: int, scale: float, eps: float) -> None:
+        """Every layer of a decode step at once (`DecodeStep`'s loop, in C): `hidden` [rows, width] becomes the
+        residual stream after the last layer, whose output not yet added is left in buffers["delta"]. `table`
+        holds LAYER_FIELDS addresses a layer (weights packed by `pack_linear`, caches [rows, kv_heads, capacity,
+        dim] with `cache_strides`; the new keys and values are written at `slot`). buffers: delta, normed, qkv, q,
+        k, out, gate_up, act, each [rows, ...] as decode_layers.c lists; attended [rows, slot + 1] bool."""
+        if not self.linear_available:
+            raise RuntimeError("decode_layers needs the C linear layer, built only for CPUs with AVX512-BF16")
+        rows, width = hidden.shape
+        dim = cos.shape[1]
+        inner = buffers["act"].shape[1]
+        shapes = {"delta": (rows, width), "normed": (rows, width), "qkv": (rows, (heads + 2 * kv_heads) * dim),
+                  "q": (rows, heads, dim), "k": (rows, kv_heads, dim), "out": (rows, heads * dim),
+                  "gate_up": (rows, 2 * inner), "act": (rows, inner)}
+        _check_bf16(hidden, cos, sin, *buffers.values())
+        wrong = [name for name, shape in shapes.items() if tuple(buffers[name].shape) != shape]
+        if wrong or cos.shape != (rows, dim) or sin.shape != cos.shape or len(table) % self.LAYER_FIELDS \
+                or heads % kv_heads or attended.dtype != torch.bool or tuple(attended.shape) != (rows, slot + 1) \
+                or not attended.is_contiguous():
+            raise ValueError(f"decode_layers: buffers {wrong or 'fine'}, cos {tuple(cos.shape)}, sin "
+                             f"{tuple(sin.shape)}, attended {attended.dtype} {tuple(attended.shape)} for {rows} rows "
+                             f"of {width}, {heads} heads over {kv_heads} of {dim}, slot {slot}")
+        status = self._layers(len(table) // self.LAYER_FIELDS, table, rows, width, heads, kv_heads, dim, inner,
+                              hidden.data_ptr(), *(buffers[name].data_ptr() for name in shapes), cos.data_ptr(),
+                              sin.data_ptr(), attended.data_ptr(), attended.stride(0), slot, *cache_strides, scale,
+                              eps)
+        if status != 0:
+            raise MemoryError("decode_layers: a product or the attention refused its sizes or memory")
 
 
 @dataclass(frozen=True)
