@@ -2,7 +2,7 @@
 
     python benchmarks/generation_ab.py [--rows 16] [--repeats 7] [--workload prompts|round]
         --lever packing|prefill_attention|continuous|rows|decode_step|native|prefill_groups|c_linear|
-              shared_prefix|prefill_softmax|layers_call
+              shared_prefix|prefill_softmax|prefill_layers|layers_call
 
 Each repeat answers the bench's 32 response prompts (`synth.batch_size` rows at a time, at most 128 new tokens, the
 bench's stop strings and repetition penalty) once with the lever and once without, the order
@@ -16,12 +16,12 @@ continuous batching (engines/continuous.py), without which prompts are decoded i
 of prompts is one padded forward; `c_linear` is the C linear layer of that step (decode_linear.c, on CPUs with
 AVX512-BF16), without which its products are oneDNN's; `shared_prefix` computes a beginning that every prompt of
 a prefill shares once (engines/continuous.py), without which each prompt is prefilled whole; `prefill_softmax` is
-the C softmax of blocked bf16 prefills (attention.native_attention), without which it is torch's; `layers_call` runs
+the C softmax of blocked bf16 prefills (attention.native_attention), without which it is torch's; `prefill_layers` is
+the C norms and activation of prefills (native_layers.py), without which they are transformers'; `layers_call` runs
 all layers of a decode step in one C call (decode_layers.c), without which the step calls the kernels layer by layer
-from Python. Prints what
-training_ab.py prints, for new tokens/s, and the seconds per call: a lever that changes bf16 numbers
-(prefill_attention, native, c_linear, shared_prefix, prefill_softmax) may change the text, and with it how many
-tokens there are to count.
+from Python. Prints what training_ab.py prints, for new tokens/s, and the seconds per call: a lever that changes
+bf16 numbers (prefill_attention, native, c_linear, shared_prefix, prefill_softmax, prefill_layers) may change the
+text, and with it how many tokens there are to count.
 `--workload round` times the generation phase of the bench's FedPIT client round instead (`self_generate` on its
 first client from a fresh adapter: 16 instruction prompts, then 8 responses) and prints only its seconds.
 """
@@ -43,6 +43,7 @@ from training_ab import report  # noqa: E402
 
 from fedpit import attention, decode_step  # noqa: E402
 from fedpit import config as config_mod  # noqa: E402
+from fedpit import model as model_module  # noqa: E402
 from fedpit.config import SynthConfig  # noqa: E402
 from fedpit.engines import continuous  # noqa: E402
 from fedpit.engines.generation import DecodingOptions, generate  # noqa: E402
@@ -53,10 +54,11 @@ from fedpit.runtimes.local import prepare  # noqa: E402
 from fedpit.types import ClientState  # noqa: E402
 
 LEVERS = ("packing", "prefill_attention", "continuous", "rows", "decode_step", "native", "prefill_groups", "c_linear",
-          "shared_prefix", "prefill_softmax", "layers_call")
+          "shared_prefix", "prefill_softmax", "prefill_layers", "layers_call")
 BLOCKED = attention.uses_blocked_attention
 NATIVE_ATTENTION = attention.native_attention
 CLAIMABLE = decode_step._claimable
+SWAP_LAYERS = model_module.swap_native_layers
 
 
 def TORCH_SOFTMAX(_kernels, *block):  # noqa: N802 (stands in for a module constant)
@@ -100,6 +102,8 @@ def main() -> None:
             continuous.SHARED_PREFIX_MIN = SHARED_MIN if on else 10**9  # off: nothing is ever long enough to share
         elif args.lever == "prefill_softmax":  # off: every block takes torch's softmax, kernels or not
             attention.native_attention = NATIVE_ATTENTION if on else TORCH_SOFTMAX
+        elif args.lever == "prefill_layers":  # off: inference blocks swap nothing in
+            model_module.swap_native_layers = SWAP_LAYERS if on else (lambda *a: [])
         elif args.lever == "layers_call":  # off: no cache is ever claimable, so every step loops in Python
             decode_step._claimable = CLAIMABLE if on else (lambda *a: False)
         elif args.lever == "c_linear":

@@ -7,7 +7,9 @@ Builds `src/fedpit/native/`'s sources as they are at `--base` (git) and as they 
 generation) after a prefill of `rows` random prompts of `context` tokens, with one library then the other,
 the order alternated, `--repeats` times. Prints the median step time of each and the per-pair ratios with
 their 95% interval (training_ab.py's report): what a kernel change is worth, measured in one process, where
-absolute step times move between runs of decode_profile.py by more than the change.
+absolute step times move between runs of decode_profile.py by more than the change. Both libraries are called
+through this tree's `DecodeKernels`, so `--base` must have the same C files and functions: 1f0dd71 or later (it
+added decode_layers.c); an older comparison is rerun from a checkout of its own revision.
 """
 
 from __future__ import annotations

@@ -18,7 +18,9 @@ a step of 24.0 ms, against 26.1 with only the attention in C and 34.7 with torch
 `benchmarks/decode_profile.py`), and on a CPU with AVX512-BF16 its linear layers and LM head too, with their
 weights packed for the C product when the step is built: 15.6 against 22.0 ms for that step, 9.5 against 16.1
 for one row, 25.0 against 30.2 for 16 (`decode_profile.py --products c|onednn`). The logits are then the
-forward's up to bf16 rounding, not bitwise, so bf16 text can differ from the forward's.
+forward's up to bf16 rounding, not bitwise, so bf16 text can differ from the forward's. With the C products,
+all layers of a step run in one C call (`decode_layers.c`, `fused`), bitwise the per-layer loop of
+`_native_step` without its ~2 ms of Python a step; the caches claim each new position and the C loop writes it.
 
 It is used where packed weights are (packed.py: bf16 on a CPU whose oneDNN computes them exactly), for the
 architectures whose decoder layer it mirrors (`SUPPORTED`) with full attention in every layer; everything

@@ -1,5 +1,5 @@
-"""A bf16 decode step's attention, element-wise work and linear layers on a CPU, in C compiled at first use
-(build.py).
+"""A bf16 decode step's attention, element-wise work and linear layers on a CPU, and a bf16 prefill's softmax, norms
+and activation, in C compiled at first use (build.py).
 
 Why the attention: in a bf16 decode step of SmolLM2 (8 rows, ~300 tokens of context, 2 cores) torch's SDPA
 took about 285 µs a layer, a quarter of the step, for a computation that reads under 1 MB. Its CPU kernel
@@ -25,6 +25,20 @@ registers while the weight streams past: a decode step 1.41x faster at 8 rows, 1
 generations). It needs AVX512-BF16; elsewhere `linear_available` is False and the step keeps oneDNN's
 products. Its sums run in another order than oneDNN's, so its output is as close to an exact product as
 `F.linear`'s, not bitwise it (tested).
+
+Why the step's layers in one call (`decode_layers.c`): with everything in C, about 2 ms of an 8-row step of
+15 ms was still the Python around ~10 calls a layer (argument checks, new tensors, ctypes). `decode_layers`
+runs the same calls, in the same order, from C, writing each layer's new keys and values into its cache itself:
+bitwise the Python loop (tested), the round's generation phase 1.07x (CI 1.05-1.08; `generation_ab.py --lever
+layers_call --workload round`). It is used where the products are C's (AVX512-BF16).
+
+Why a prefill's softmax, norms and activation (`masked_softmax`, `rms_norm`, `silu_mul_pair`, threaded over the
+prefill's rows): a prefill (generation's prompts, IFS and loss scoring) runs the model's own forward, where the
+blocked attention's softmax was five torch passes over the scores (cast, scale, mask, softmax, cast back) and
+RMSNorm eight; in the bench round's generation they were ~0.5 s of 3.2 s of prefill. `attention.native_softmax`
+and `native_layers.py` use them inside inference blocks: the round's generation 1.06x (CI 1.02-1.10; `--lever
+prefill_softmax`), its IFS phase from 1.8 to 1.6 s with the norms, the activation and a one-pass adapter merge
+(`benchmarks/round_profile.py`).
 
 No library we can depend on offers these for torch 2.13 on a CPU: torch.compile of the attention was
 slower than SDPA (and fails to lower the packed linear layers around the element-wise work), and the CPU
