@@ -221,7 +221,6 @@ class DecodeStep:
         kernels.add_rms_norm(hidden, delta, self.norm.weight, normed, self.norm.variance_epsilon)
         return product(normed, self.head, self.head_bias)
 
-
     def _fused_step(self, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                     caches: list) -> torch.Tensor:
         """`_native_step` with its loop over the layers in C: each cache claims the new position, which the C

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 DIRECTORY = Path(__file__).parent
 SOURCES = tuple(DIRECTORY / name
                 for name in ("decode_attention.c", "decode_ops.c", "decode_linear.c", "decode_layers.c"))
-HEADERS = (DIRECTORY / "bf16.h",)
+HEADERS = (DIRECTORY / "bf16.h", DIRECTORY / "kernels.h")
 # -fassociative-math lets the compiler vectorise the sums (with the two flags it requires); -ffast-math is
 # avoided on purpose: linked into a shared library it switches the whole process to flush-to-zero.
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros",

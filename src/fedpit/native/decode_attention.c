@@ -16,6 +16,7 @@
 #include <stdlib.h>
 
 #include "bf16.h"
+#include "kernels.h"
 
 #define MAX_DIM 256
 #define MAX_GROUP 16

@@ -8,17 +8,7 @@
 #include <stdint.h>
 #include <string.h>
 
-void add_rms_norm(uint16_t *hidden, const uint16_t *delta, const uint16_t *weight, uint16_t *out, int64_t rows,
-                  int64_t dim, float eps);
-void rotary(const uint16_t *qkv, int64_t row_stride, const uint16_t *cos, const uint16_t *sin, uint16_t *q,
-            uint16_t *k, int64_t rows, int64_t heads_q, int64_t heads_k, int64_t dim);
-void silu_mul(const uint16_t *gate_up, uint16_t *out, int64_t rows, int64_t inner);
-int decode_linear(const uint16_t *x, int64_t x_stride, const uint16_t *packed, const uint16_t *bias, uint16_t *y,
-                  int64_t ys, int64_t rows, int64_t n, int64_t k);
-int decode_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint8_t *mask, uint16_t *out,
-                     int64_t rows, int64_t kv_heads, int64_t group, int64_t keys, int64_t dim, int64_t k_row,
-                     int64_t k_head, int64_t k_key, int64_t v_row, int64_t v_head, int64_t v_key, int64_t mask_row,
-                     float scale);
+#include "kernels.h"
 
 /* The columns of `table`, one row of addresses a layer (0 for a missing bias). */
 enum { IN_NORM, POST_NORM, QKV, QKV_BIAS, O, O_BIAS, GATE_UP, GATE_UP_BIAS, DOWN, DOWN_BIAS, KEYS, VALUES, FIELDS };

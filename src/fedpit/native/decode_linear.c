@@ -16,6 +16,7 @@
  */
 #include <stdint.h>
 #include <stddef.h>
+#include "kernels.h"
 
 #define BLOCK 16  /* outputs a vector of fp32 sums holds */
 #define CHUNK 32  /* input pairs of a chunk that two groups of rows share (2 blocks: 4 KiB of weights) */

@@ -15,6 +15,7 @@
 #include <stdlib.h>
 
 #include "bf16.h"
+#include "kernels.h"
 
 /* For each of `rows` rows of `dim`: hidden += delta (a bf16 sum; skipped when delta is NULL), then
  * out = weight * bf16(hidden * 1/sqrt(mean(hidden^2) + eps)). */

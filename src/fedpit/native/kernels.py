@@ -199,7 +199,6 @@ class DecodeKernels:
         if status != 0:
             raise MemoryError("masked_softmax could not allocate its row buffers")
 
-
     def pack_linear(self, weight: torch.Tensor) -> PackedWeight:
         """`weight` [out, in] (bf16, an even number of inputs) in the layout `linear` reads: a copy, made once
         for the many steps that read it."""
