@@ -381,6 +381,9 @@ def main() -> None:
                              f"their figures from an earlier run in --out, each section stamped with its date")
     parser.add_argument("--repeats", type=int, default=None,
                         help="repeats of every timed variant (default 3, or 1 with --quick)")
+    parser.add_argument("--round-repeats", type=int, default=None,
+                        help="pairs the round section times (default: --repeats); its pairs are cheap, and the "
+                             "machine's drift is what widens their interval")
     parser.add_argument("--training-dtypes", default="bf16,fp32",
                         help="dtypes the training section times (bf16 is emulated, and slow, on CPUs without it)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results.json"))
@@ -406,7 +409,7 @@ def main() -> None:
     measures = {
         "generation": lambda: bench_generation(exp, repeats, prompts),
         "training": lambda: {dtype: bench_training(exp, repeats, dtype) for dtype in args.training_dtypes.split(",")},
-        "round": lambda: bench_round(exp, repeats),
+        "round": lambda: bench_round(exp, args.round_repeats or repeats),
         "evaluation": lambda: bench_eval(exp),
         "memory": memory,
         "parts": lambda: bench_parts(exp, repeats),
