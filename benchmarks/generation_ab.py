@@ -2,7 +2,7 @@
 
     python benchmarks/generation_ab.py [--rows 16] [--repeats 7] [--workload prompts|round]
         --lever packing|prefill_attention|continuous|rows|decode_step|native|prefill_groups|c_linear|
-              shared_prefix|prefill_softmax|prefill_layers|layers_call
+              shared_prefix|prefill_softmax|prefill_layers|layers_call|ask_by_rate
 
 Each repeat answers the bench's 32 response prompts (`synth.batch_size` rows at a time, at most 128 new tokens, the
 bench's stop strings and repetition penalty) once with the lever and once without, the order
@@ -23,7 +23,11 @@ from Python. Prints what training_ab.py prints, for new tokens/s, and the second
 bf16 numbers (prefill_attention, native, c_linear, shared_prefix, prefill_softmax, prefill_layers) may change the
 text, and with it how many tokens there are to count.
 `--workload round` times the generation phase of the bench's FedPIT client round instead (`self_generate` on its
-first client from a fresh adapter: 16 instruction prompts, then 8 responses) and prints only its seconds.
+first client from a fresh adapter: 16 instruction prompts, then 8 responses) and prints only its seconds;
+`--workload paper_synth` the same phase with `[synth]` at the paper's defaults (32 candidates, instruction calls of
+32, 3 response demonstrations; the bench's repetition penalty). `ask_by_rate` sizes instruction calls after the
+first by the pass rate so far (`instructions_to_ask` in synth.py), without which every call asks a full batch; it
+changes nothing where the first call suffices (the bench's round), so it is measured on `paper_synth`.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
@@ -41,7 +45,7 @@ from baselines import count_tokens  # noqa: E402
 from bench import BASE, REPO, response_prompts  # noqa: E402
 from training_ab import report  # noqa: E402
 
-from fedpit import attention, decode_step  # noqa: E402
+from fedpit import attention, decode_step, synth  # noqa: E402
 from fedpit import config as config_mod  # noqa: E402
 from fedpit import model as model_module  # noqa: E402
 from fedpit.config import SynthConfig  # noqa: E402
@@ -54,11 +58,16 @@ from fedpit.runtimes.local import prepare  # noqa: E402
 from fedpit.types import ClientState  # noqa: E402
 
 LEVERS = ("packing", "prefill_attention", "continuous", "rows", "decode_step", "native", "prefill_groups", "c_linear",
-          "shared_prefix", "prefill_softmax", "prefill_layers", "layers_call")
+          "shared_prefix", "prefill_softmax", "prefill_layers", "layers_call", "ask_by_rate")
 BLOCKED = attention.uses_blocked_attention
 NATIVE_ATTENTION = attention.native_attention
 CLAIMABLE = decode_step._claimable
 SWAP_LAYERS = model_module.swap_native_layers
+ASK_BY_RATE = synth.instructions_to_ask
+
+
+def ASK_FULL_BATCHES(missing, generated, accepted, config):  # noqa: N802 (stands in for a module constant)
+    return min(config.batch_size, config.max_instructions - generated)
 
 
 def TORCH_SOFTMAX(_kernels, *block):  # noqa: N802 (stands in for a module constant)
@@ -72,8 +81,9 @@ def main() -> None:
     parser.add_argument("--lever", choices=LEVERS, required=True)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--rows", type=int, default=16, help="rows at a time with the `rows` lever on")
-    parser.add_argument("--workload", choices=("prompts", "round"), default="prompts",
-                        help="the bench's 32 response prompts, or the generation phase of its FedPIT client round")
+    parser.add_argument("--workload", choices=("prompts", "round", "paper_synth"), default="prompts",
+                        help="the bench's 32 response prompts, the generation phase of its FedPIT client round, or "
+                             "that phase with [synth] at the paper's defaults")
     args = parser.parse_args()
     torch.manual_seed(0)
     exp = prepare(config_mod.load(REPO / "configs" / "demo.toml", BASE))
@@ -106,6 +116,8 @@ def main() -> None:
             model_module.swap_native_layers = SWAP_LAYERS if on else (lambda *a: [])
         elif args.lever == "layers_call":  # off: no cache is ever claimable, so every step loops in Python
             decode_step._claimable = CLAIMABLE if on else (lambda *a: False)
+        elif args.lever == "ask_by_rate":
+            synth.instructions_to_ask = ASK_BY_RATE if on else ASK_FULL_BATCHES
         elif args.lever == "c_linear":
             kernels.linear_available = on  # read when each inference block builds its decode step
         elif args.lever == "continuous":
@@ -115,15 +127,22 @@ def main() -> None:
 
     client = sorted(exp.federation.clients)[0]
     round_config = config_mod.replace(exp.config, **{"method.name": "fedpit"})
+    if args.workload == "paper_synth":
+        paper = {f"synth.{f.name}": getattr(SynthConfig(), f.name) for f in fields(SynthConfig)
+                 if f.name != "repetition_penalty"}
+        round_config = config_mod.replace(round_config, **paper)
 
     def call() -> dict:
         began = time.perf_counter()
-        if args.workload == "round":
+        if args.workload in ("round", "paper_synth"):
             context = ClientContext(client=client, round=1, examples=exp.federation.clients[client],
                                     state=ClientState(), handle=handle, fmt=exp.fmt, config=round_config,
                                     learning_rate=1e-4, seed=0)
-            context.self_generate(handle.fresh_adapter(0))
-            return {"seconds": time.perf_counter() - began}
+            outcome = context.self_generate(handle.fresh_adapter(0))
+            seconds = time.perf_counter() - began
+            print(f"  {outcome.generated_instructions} instructions, {len(outcome.samples)} samples: {seconds:.2f} s",
+                  flush=True)
+            return {"seconds": seconds}
         outputs = generate(handle, prompts, options, batch_size=rows)
         seconds = time.perf_counter() - began
         return {"tokens_per_s": count_tokens(handle.tokenizer, outputs) / seconds, "seconds": seconds}

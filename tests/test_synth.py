@@ -29,9 +29,11 @@ class ScriptedGenerator:
         self.respond = respond
         self.response_calls = 0
         self.response_rows: list[int] = []
+        self.instruction_rows: list[int] = []
 
     def __call__(self, handle, prompts, options, batch_size=16, seed=None, on_batch=None):
         if prompts[0].startswith("Come up with a series of tasks"):
+            self.instruction_rows.append(len(prompts))
             out, self.instructions = self.instructions[: len(prompts)], self.instructions[len(prompts):]
             return out + [""] * (len(prompts) - len(out))
         self.response_calls += 1
@@ -177,6 +179,29 @@ def test_responses_wait_until_instructions_for_every_needed_candidate_are_in(mon
     outcome, generator = _run(monkeypatch, mixed, lambda p, n: f"{GOOD_ANSWER} Variant {next(answers)}.", config)
     assert generator.response_rows == [4]
     assert len(outcome.samples) == 4 and outcome.generated_instructions == 8
+
+
+def test_later_instruction_calls_ask_for_what_the_pass_rate_says_is_missing(monkeypatch):
+    """4 of the first 10 instructions pass (a rate of 0.4) and 6 are needed: the second call asks 2 / 0.4 = 5,
+    not another 10, and one response call answers 6 of the 9 that passed."""
+    config = replace(CONFIG, num_candidates=6, max_instructions=40, batch_size=10)
+    scripted = INSTRUCTIONS[:4] + ["Why?"] * 6 + INSTRUCTIONS[4:]
+    answers = iter(range(1000))
+    outcome, generator = _run(monkeypatch, scripted, lambda p, n: f"{GOOD_ANSWER} Variant {next(answers)}.", config)
+    assert generator.instruction_rows == [10, 5] and generator.response_rows == [6]
+    assert outcome.generated_instructions == 15 and len(outcome.samples) == 6 and outcome.counts()["unused"] == 3
+
+
+@pytest.mark.parametrize(("missing", "generated", "accepted", "want"), [
+    (32, 0, 0, 32),    # the first call: a full batch, whatever is missing
+    (10, 32, 22, 15),  # 10 / (22 / 32) = 14.5
+    (10, 32, 0, 32),   # nothing passed yet: a full batch (the rate counts one pass)
+    (30, 32, 8, 32),   # never more than a batch
+    (10, 120, 90, 8),  # nor past max_instructions
+])
+def test_instructions_to_ask(missing, generated, accepted, want):
+    config = SynthConfig(batch_size=32, max_instructions=128)
+    assert synth.instructions_to_ask(missing, generated, accepted, config) == want
 
 
 def test_a_spent_instruction_budget_still_answers_what_waits(monkeypatch):

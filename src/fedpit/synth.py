@@ -15,6 +15,7 @@ outside any DP guarantee. Closeness to private text is still recorded (client si
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from collections import Counter
@@ -70,6 +71,20 @@ def _format_problem(text: str, min_words: int, markers: tuple[str, ...], max_rep
     if any(m in text for m in markers):
         return "markers"
     return None
+
+
+def instructions_to_ask(missing: int, generated: int, accepted: int, config: SynthConfig) -> int:
+    """How many new instructions the next call asks for, `missing` being still needed.
+
+    The first call asks a full `batch_size`: nothing says yet how many will pass, and a short call that must
+    be followed by another pays a second decode of its longest row. Later calls ask for what the pass rate so
+    far says is missing (at most `batch_size`): asking a full batch again for the few still missing wrote
+    instructions nobody answered (at the defaults, a second call of 32 for ~10 missing)."""
+    want = min(config.batch_size, config.max_instructions - generated)
+    if generated and missing > 0:
+        rate = max(accepted, 1) / generated
+        want = min(want, math.ceil(missing / rate))
+    return want
 
 
 @dataclass
@@ -130,7 +145,8 @@ def _self_generate(handle: ModelHandle, fmt: PromptFormat, private: list[Example
         # times an instruction, and one call for all of them keeps the decode batch full, where a call per
         # instruction batch decoded the few rows that batch let through.
         if len(pending) < need and outcome.generated_instructions < config.max_instructions:
-            want = min(config.batch_size, config.max_instructions - outcome.generated_instructions)
+            want = instructions_to_ask(need - len(pending), outcome.generated_instructions,
+                                       len(accepted_instructions), config)
             draws = [rng.sample(range(len(demos)), min(config.num_instruction_demos, len(demos)))
                      for _ in range(want)]
             prompts = [instruction_prompt([local_instructions[i] for i in d]) for d in draws]
