@@ -65,6 +65,20 @@ def matmul_flops_per_s(shapes: list[tuple[int, int]], tokens: int, dtype: torch.
     return flops / best
 
 
+def read_bytes_per_s(megabytes: int = 256, repeats: int = 5) -> float:
+    """Bytes/s the machine streams from memory: a sum over a bf16 buffer several times the last-level cache;
+    best of `repeats`. What bounds a decode step, which reads every weight (and every row's keys and values)
+    once for a few rows of arithmetic."""
+    buffer = torch.ones(megabytes * 2**20 // 2, dtype=torch.bfloat16)
+    buffer.sum()  # warm-up: first touch
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        buffer.sum()
+        best = min(best, time.perf_counter() - start)
+    return buffer.numel() * 2 / best
+
+
 def fraction_of_bound(model: torch.nn.Module, tokens_per_s: float, batch_tokens: int, dtype: torch.dtype) -> dict:
     shapes = linear_shapes(model)
     params = block_parameters(model)

@@ -5,10 +5,13 @@
 Prepares the bench's experiment (bench.py's BASE settings on configs/demo.toml) and its first client's round as
 bench.py's round section does (a fresh adapter, seed 0), runs the round once to have its synthetic candidates, W_l
 and the IFS selection, then times `--runs` runs of the phase alone: self-generation with the global adapter, IFS
-scoring of the candidates with W_l, or training W_s on the selected samples. The profile is of one more run; its
-own overhead makes the profiled run slower, so the seconds above it are the figures to quote, the profile the
-split among functions. Absolute times move between runs of this machine by 10% or more: a lever is measured with
-the A/B scripts (generation_ab.py, kernels_ab.py), a profile says where to look.
+scoring of the candidates with W_l, or training W_s on the selected samples. The profile is of one more run; its own
+overhead makes the profiled run slower, so the seconds above it are the figures to quote, the profile the split
+among functions. Between them it prints the machine's two bounds (compute_bound.py): the bf16 matmul rate on the
+blocks' shapes, which bounds a prefill, scoring and training, and the memory read rate, which bounds a decode step
+(it reads every weight and every row's keys and values once). Absolute times move between runs of this machine by
+10% or more: a lever is measured with the A/B scripts (generation_ab.py, kernels_ab.py), a profile says where to
+look.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import BASE, REPO  # noqa: E402
+from compute_bound import block_parameters, linear_shapes, matmul_flops_per_s, read_bytes_per_s  # noqa: E402
 
 from fedpit import config as config_mod  # noqa: E402
 from fedpit.methods import ClientContext, build_method  # noqa: E402
@@ -67,6 +71,11 @@ def main() -> None:
         return time.perf_counter() - began
 
     print(f"{args.phase}: " + ", ".join(f"{run():.3f}" for _ in range(args.runs)) + " s")
+    dtype = exp.handle.model.dtype
+    rate = matmul_flops_per_s(linear_shapes(exp.handle.model), 1024, dtype)
+    print(f"this machine: {rate / 1e9:.0f} GFLOP/s in {dtype} products of the blocks' shapes (1,024 rows), "
+          f"{read_bytes_per_s() / 1e9:.1f} GB/s read from memory; the blocks' linear layers hold "
+          f"{block_parameters(exp.handle.model) / 1e6:.1f} M parameters")
     profile = cProfile.Profile()
     profile.enable()
     run()
