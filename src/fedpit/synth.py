@@ -78,8 +78,9 @@ def instructions_to_ask(missing: int, generated: int, accepted: int, config: Syn
 
     The first call asks a full `batch_size`: nothing says yet how many will pass, and a short call that must
     be followed by another pays a second decode of its longest row. Later calls ask for what the pass rate so
-    far says is missing (at most `batch_size`): asking a full batch again for the few still missing wrote
-    instructions nobody answered (at the defaults, a second call of 32 for ~10 missing)."""
+    far says is missing (at most `batch_size`): a full batch again for the few still missing wrote
+    instructions nobody answered (at the paper's defaults on the bench's first client, 64 instructions for 32
+    samples; 58 with this rule: `benchmarks/generation_ab.py --lever ask_by_rate --workload paper_synth`)."""
     want = min(config.batch_size, config.max_instructions - generated)
     if generated and missing > 0:
         rate = max(accepted, 1) / generated
