@@ -9,9 +9,10 @@ scoring of the candidates with W_l, or training W_s on the selected samples. The
 overhead makes the profiled run slower, so the seconds above it are the figures to quote, the profile the split
 among functions. Between them it prints the machine's two bounds (compute_bound.py): the bf16 matmul rate on the
 blocks' shapes, which bounds a prefill, scoring and training, and the memory read rate, which bounds a decode step
-(it reads every weight and every row's keys and values once). Absolute times move between runs of this machine by
-10% or more: a lever is measured with the A/B scripts (generation_ab.py, kernels_ab.py), a profile says where to
-look.
+(it reads every weight and every row's keys and values once). With the profile it lists the forwards over more than
+one token (prefills, scoring, training) and their tokens, which the matmul rate divides. Absolute times move between
+runs of this machine by 10% or more: a lever is measured with the A/B scripts (generation_ab.py, kernels_ab.py), a
+profile says where to look.
 """
 
 from __future__ import annotations
@@ -76,10 +77,21 @@ def main() -> None:
     print(f"this machine: {rate / 1e9:.0f} GFLOP/s in {dtype} products of the blocks' shapes (1,024 rows), "
           f"{read_bytes_per_s() / 1e9:.1f} GB/s read from memory; the blocks' linear layers hold "
           f"{block_parameters(exp.handle.model) / 1e6:.1f} M parameters")
+    shapes: list[tuple[int, ...]] = []
+
+    def record(_module, positional, keywords) -> None:  # the work a product bound is divided into
+        ids = keywords.get("input_ids", positional[0] if positional else None)
+        if ids is not None and ids.shape[-1] > 1:
+            shapes.append(tuple(ids.shape))
+
+    hook = exp.handle.model.register_forward_pre_hook(record, with_kwargs=True)
     profile = cProfile.Profile()
     profile.enable()
     run()
     profile.disable()
+    hook.remove()
+    print(f"forwards over more than one token in the profiled run, (rows, tokens): {shapes}; "
+          f"{sum(rows * tokens for rows, tokens in shapes):,} tokens, padding included")
     pstats.Stats(profile).sort_stats(args.sort).print_stats(args.top)
 
 
