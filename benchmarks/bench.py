@@ -373,15 +373,26 @@ def peak_rss_of_run(clients: int) -> float:
 SECTIONS = ("generation", "training", "round", "evaluation", "memory", "parts", "dp", "flower")
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a count of repeats, which must be at least 1 for a median to exist."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a count of repeats: give 1 or more (3 for an interval)")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats and prompts (a rough check)")
     parser.add_argument("--only", default=",".join(SECTIONS),
                         help=f"comma-separated sections to measure (of {', '.join(SECTIONS)}); the others keep "
                              f"their figures from an earlier run in --out, each section stamped with its date")
-    parser.add_argument("--repeats", type=int, default=None,
+    parser.add_argument("--repeats", type=positive_int, default=None,
                         help="repeats of every timed variant (default 3, or 1 with --quick)")
-    parser.add_argument("--round-repeats", type=int, default=None,
+    parser.add_argument("--round-repeats", type=positive_int, default=None,
                         help="pairs the round section times (default: --repeats); its pairs are cheap, and the "
                              "machine's drift is what widens their interval")
     parser.add_argument("--training-dtypes", default="bf16,fp32",

@@ -15,10 +15,16 @@ LoRA step really does is close to 4·N per token; the 4·N fraction is recorded 
 The throughput is measured in the same run as the training figure it divides, on matrices shaped
 like one training batch through each of the model's linear layers, forward (x·Wᵀ) and input gradient
 (g·W), in the dtype the training ran in.
+
+Run alone, it probes the memory read rate (`read_bytes_per_s`, the bound of a decode step) several times at
+each thread count, which on a shared machine moves from minute to minute:
+
+    python benchmarks/compute_bound.py [--probes 12] [--threads 1,2]
 """
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import torch
@@ -89,3 +95,27 @@ def fraction_of_bound(model: torch.nn.Module, tokens_per_s: float, batch_tokens:
         "matmul_gflops_per_s": flops / 1e9, "bound_tokens_per_s": bound_6n, "bound_tokens_per_s_4n": bound_4n,
         "fraction_of_bound": tokens_per_s / bound_6n, "fraction_of_bound_4n": tokens_per_s / bound_4n,
     }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="The memory read rate, probed several times at each thread count.")
+    parser.add_argument("--probes", type=int, default=12, help="probes at each thread count (each the best of 5)")
+    parser.add_argument("--threads", default="1,2", help="comma-separated thread counts")
+    args = parser.parse_args()
+    if args.probes < 1:
+        parser.error("--probes must be at least 1")
+    try:
+        counts = [int(t) for t in args.threads.split(",")]
+    except ValueError:
+        parser.error(f"--threads takes comma-separated integers, e.g. 1,2; got {args.threads!r}")
+    for threads in counts:
+        if threads < 1:
+            parser.error(f"--threads: {threads} is not a thread count")
+        torch.set_num_threads(threads)
+        rates = [read_bytes_per_s() / 1e9 for _ in range(args.probes)]
+        print(f"{threads} thread(s): " + ", ".join(f"{r:.1f}" for r in rates)
+              + f" GB/s (min {min(rates):.1f}, max {max(rates):.1f})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,18 +1,21 @@
 """Where a decode step's time goes, and how close it is to the machine's memory bandwidth.
 
     python benchmarks/decode_profile.py [--rows 16] [--context 350] [--dtype auto] [--step engine|forward]
-                                        [--kernels native|torch] [--products c|onednn]
+                                        [--kernels native|torch] [--products c|onednn] [--layers call|loop]
 
 One prefill of `rows` random prompts of `context` tokens on the embedded SmolLM2 (LoRA merged, as in
-generation), then 20 timed decode steps and 10 profiled ones, each the step the decode loop runs
-(decode_step.py where it applies, with its C kernels where they build, or with torch's operations and
-SDPA under `--kernels torch`; its products in C where the CPU has AVX512-BF16, or oneDNN's under
-`--products onednn`; `--step forward` for the model's own forward). It prints the step time, the share
-of each kind of operation (the linear layers by shape, the LM head, attention, the rest), and the bytes
-a step must read from memory: every weight once (the batch shares them) plus every row's keys and values
-in every layer. Bytes / step time is the bandwidth the step achieves. When that is close to what the
-machine's memory delivers, a step is bandwidth-bound: fewer bytes (smaller weights or cache) or more rows
-sharing one read of the weights would make it faster, and faster arithmetic would not.
+generation), then 20 timed decode steps and 10 profiled ones, each the step the decode loop runs (decode_step.py
+where it applies, with its C kernels where they build, or with torch's operations and SDPA under `--kernels
+torch`; its products in C where the CPU has AVX512-BF16, or oneDNN's under `--products onednn`; `--step forward`
+for the model's own forward). With the C products a step runs all its layers in one C call (decode_layers.c),
+which the profiler sees as one block; `--layers loop` takes the step's per-layer loop of the same calls instead
+(bitwise the same, ~2 ms of Python more), so that the share of each kernel shows. It prints the step time, the
+share of each kind of operation (the linear layers by shape, the LM head, attention, the rest), the bytes a step
+must read from memory (every weight once, the batch sharing them, plus every row's keys and values in every
+layer), and the rate this machine reads memory at (compute_bound.read_bytes_per_s). Bytes / step time is the
+bandwidth the step achieves. When that is close to what the machine's memory delivers, a step is bandwidth-
+bound: fewer bytes (smaller weights or cache) or more rows sharing one read of the weights would make it faster,
+and faster arithmetic would not.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import time
 from collections import defaultdict
 
 import torch
+from compute_bound import read_bytes_per_s
 from torch.profiler import ProfilerActivity, profile
 
 from fedpit.config import LoraConfig, ModelConfig
@@ -46,6 +50,9 @@ def main() -> None:
     parser.add_argument("--products", choices=("c", "onednn"), default="c",
                         help="the step's linear layers and LM head with the C kernels: the C product (decode_linear.c, "
                              "on CPUs with AVX512-BF16) or oneDNN's")
+    parser.add_argument("--layers", choices=("call", "loop"), default="call",
+                        help="with the C products: all layers in one C call (as the decode loop runs them) or the "
+                             "step's per-layer loop, whose kernels the profile can tell apart")
     args = parser.parse_args()
     handle = load_model(ModelConfig(name=resolve_model_path("smollm2-135m-instruct"), dtype=args.dtype),
                         LoraConfig(rank=16, alpha=32, target_modules=TARGETS))
@@ -65,6 +72,8 @@ def main() -> None:
         if args.products == "onednn" and (kernels := native.load(cache_root(handle.model_config.cache_dir))):
             kernels.linear_available = False  # read when the step is built
         fast = handle.decode_step() if args.step == "engine" else None  # what the decode loop runs
+        if fast is not None and args.layers == "loop":
+            fast.fused = False
 
         def step() -> None:
             state["mask"] = torch.cat([state["mask"], state["mask"].new_ones(rows, 1)], dim=1)
@@ -85,7 +94,7 @@ def main() -> None:
         seconds = (time.perf_counter() - start) / 20
         if fast is not None and fast.native is not None:  # C calls, which the profiler cannot see: label them
             c_products = fast.product == fast.native.linear
-            for name in ("attention", "add_rms_norm", "rotary", "silu_mul", "linear"):
+            for name in ("attention", "add_rms_norm", "rotary", "silu_mul", "linear", "decode_layers"):
                 setattr(fast.native, name, _labelled(getattr(fast.native, name), f"fedpit::{name}"))
             if c_products:  # the step holds the method it was built with
                 fast.product = fast.native.linear
@@ -107,6 +116,8 @@ def main() -> None:
             kind = "attention (C kernel)"
         elif name == "fedpit::linear":
             kind = "linear layers and LM head (C)"
+        elif name == "fedpit::decode_layers":
+            kind = "all layers, one C call"
         elif name.startswith("fedpit::"):
             kind = "norms, rotary, activation (C)"
         else:
@@ -120,7 +131,8 @@ def main() -> None:
     for kind, micros in sorted(kinds.items(), key=lambda item: -item[1]):
         print(f"  {kind:28s} {micros / total:6.1%}")
     print(f"bytes a step reads: weights {weights / 2**20:.0f} MiB + keys/values {kv / 2**20:.0f} MiB "
-          f"-> {(weights + kv) / seconds / 1e9:.1f} GB/s achieved")
+          f"-> {(weights + kv) / seconds / 1e9:.1f} GB/s achieved; this machine reads "
+          f"{read_bytes_per_s() / 1e9:.1f} GB/s")
 
 
 def _labelled(function, label: str):

@@ -1,6 +1,6 @@
 """One generation lever on and off, on `make bench`'s self-generation workload, alternated: what it is worth.
 
-    python benchmarks/generation_ab.py [--rows 16] [--repeats 7] [--workload prompts|round]
+    python benchmarks/generation_ab.py [--rows 16] [--repeats 7] [--workload prompts|round|paper_synth]
         --lever packing|prefill_attention|continuous|rows|decode_step|native|prefill_groups|c_linear|
               shared_prefix|prefill_softmax|prefill_layers|layers_call|ask_by_rate
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import BASE, REPO  # noqa: E402
+from bench import BASE, REPO, positive_int  # noqa: E402
 from compute_bound import block_parameters, linear_shapes, matmul_flops_per_s, read_bytes_per_s  # noqa: E402
 
 from fedpit import config as config_mod  # noqa: E402
@@ -40,7 +40,7 @@ from fedpit.types import ClientState  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--phase", choices=("generation", "ifs", "synthetic"), required=True)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=positive_int, default=3)
     parser.add_argument("--sort", default="tottime", help="a pstats sort key: tottime, cumtime, ncalls")
     parser.add_argument("--top", type=int, default=35, help="functions the profile lists")
     args = parser.parse_args()
